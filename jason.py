@@ -1,0 +1,1021 @@
+#!/usr/bin/env python3
+"""JASON: a small async database that keeps each user's data as one JSON file.
+
+Made for chatbots and app MVPs: name a folder and a default structure, then
+load and save one user's dict at a time. No server, no schema, no setup::
+
+    from jason import JASON
+
+    db = JASON("data/users", default_structure={"balance": 0, "history": []})
+    data = await db.load_user_data(12345)
+    data["balance"] += 1
+    await db.save_user_data(12345, data)
+
+Guarantees: a save is atomic (a unique temp file, fsync, os.replace, folder
+fsync), so a record is always the old or the new version, never a mix; a
+corrupt record raises CorruptDataError and is never overwritten with defaults;
+no user id can name a file outside the folder, and two ids never share a file;
+operations on one user are serialised, so no update is lost; every load
+returns a fresh deep copy; a second writer process is refused.
+
+Limits: one writer process per folder; each save rewrites that user's whole
+record; no queries across users; records are meant to be small (kilobytes).
+orjson and aiofiles are used when installed and never needed.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "JASON",
+    "JasonError",
+    "InvalidUserIdError",
+    "CorruptDataError",
+    "DatabaseLockedError",
+    "ReadOnlyError",
+]
+__version__ = "1.0.0"
+
+import asyncio
+import contextlib
+import errno
+import json
+import math
+import os
+import re
+import secrets
+import stat
+import sys
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Callable, Final, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+# ---------------------------------------------------------------- optional back-ends
+
+try:
+    import orjson
+
+    HAVE_ORJSON = True
+except ImportError:
+    HAVE_ORJSON = False
+
+# aiofiles is detected and reported, but JASON's I/O does not go through it:
+# each aiofiles call is its own thread hop, and a cold load through it
+# (open, read, close) measured twice as slow as one hop for the whole read.
+try:
+    import aiofiles  # noqa: F401
+
+    HAVE_AIOFILES = True
+except ImportError:
+    HAVE_AIOFILES = False
+
+if sys.platform == "win32":  # Windows: byte-range locks
+    import msvcrt
+else:  # POSIX: flock, whose lock dies with the process
+    import fcntl
+
+# ---------------------------------------------------------------- constants
+
+RECORD_SUFFIX: Final = ".json"
+LOCK_FILE_NAME: Final = ".jason.lock"
+TEMP_PREFIX: Final = ".jason-tmp-"
+# Most file systems (ext4, APFS, NTFS) cap one name at 255 bytes.
+MAX_FILE_NAME_BYTES: Final = 255
+# orjson refuses to write deeper than 254 levels and the stdlib recurses once
+# per level; one limit, well inside both, keeps the two back-ends equal.
+MAX_DEPTH: Final = 128
+# The integers orjson can write and read back exactly; both back-ends use it.
+MIN_INT: Final = -(2**63)
+MAX_INT: Final = 2**64 - 1
+# 10,000 users of ~1 KB take about 10 MB: the whole user base of a typical bot.
+DEFAULT_CACHE_SIZE: Final = 10_000
+# An antivirus or indexer holds a file for a few milliseconds; retrying for
+# about a second outlasts it without hanging a save forever.
+REPLACE_RETRY_DELAYS: Final = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+# Windows: access denied, sharing violation, lock violation.
+_WINDOWS_BUSY_ERRORS: Final = frozenset({5, 32, 33})
+
+_O_BINARY: Final = getattr(os, "O_BINARY", 0)  # Windows only; no newline translation
+_O_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)  # keep lock and data fds out of children
+_O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)  # never follow a record out of its folder
+
+# ---------------------------------------------------------------- errors
+
+
+class JasonError(Exception):
+    """Base class of every error that JASON raises itself."""
+
+
+class InvalidUserIdError(JasonError, ValueError):
+    """A user id that cannot name a record: empty, or too long for a file name."""
+
+    def __init__(self, user_id: object, reason: str) -> None:
+        super().__init__(user_id, reason)
+        self.user_id = user_id
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"invalid user id {self.user_id!r}: {self.reason}"
+
+
+class CorruptDataError(JasonError):
+    """A record that is not a UTF-8 JSON object. The file is left untouched."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (
+            f"corrupt record {self.path}: {self.reason}. JASON left the file as it is; "
+            "repair it by hand or restore it from a backup"
+        )
+
+
+class DatabaseLockedError(JasonError):
+    """Another process, or a forked parent, holds the folder's writer lock."""
+
+    def __init__(self, folder: str, holder: str) -> None:
+        super().__init__(folder, holder)
+        self.folder = folder
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return (
+            f"{self.folder} is open for writing by {self.holder}; stop that process "
+            "first, or open the folder with readonly=True to read beside it"
+        )
+
+
+class ReadOnlyError(JasonError):
+    """A write was asked of an instance opened with readonly=True."""
+
+    def __init__(self, folder: str, operation: str) -> None:
+        super().__init__(folder, operation)
+        self.folder = folder
+        self.operation = operation
+
+    def __str__(self) -> str:
+        return (
+            f"{self.operation} refused: {self.folder} was opened with readonly=True; "
+            "open it without readonly to write"
+        )
+
+
+# ---------------------------------------------------------------- serialisation
+#
+# Both back-ends store the same values and refuse the same ones, because every
+# value is checked here first, in one place:
+#
+#   value                               stored as / raises
+#   dict (str keys), list, str, bool,   JSON, UTF-8, non-ASCII kept readable
+#     None, int, float
+#   subclasses of dict, list, str, int  their base type (an IntEnum as its int)
+#   non-str dict keys                   TypeError (json would turn 1 into "1")
+#   tuple, set, bytes, datetime, other  TypeError (orjson would store some)
+#   float subclasses                    TypeError (orjson refuses them)
+#   NaN, Infinity                       ValueError (orjson would write null)
+#   int outside [-2**63, 2**64-1]       ValueError (orjson cannot store it)
+#   str with a lone surrogate           ValueError (not encodable as UTF-8)
+#   nesting deeper than MAX_DEPTH       ValueError (not a RecursionError)
+#
+# Files are byte-identical across back-ends except for the spelling of some
+# floats (orjson writes 1e-5 where json writes 1e-05); they parse equal.
+
+class _Unstorable(Exception):
+    """Raised inside the value check; carries the path to the bad value."""
+
+    def __init__(self, error_type: type[Exception], message: str) -> None:
+        super().__init__(error_type, message)
+        self.error_type = error_type
+        self.message = message
+        self.path: list[str] = []
+
+
+def _check_text(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Unstorable(ValueError, "a str with a lone surrogate is not valid UTF-8") from None
+
+
+def _check_value(value: object, depth: int) -> None:
+    cls = type(value)
+    if cls is str:
+        _check_text(value)  # type: ignore[arg-type]
+    elif cls is bool or value is None:
+        pass
+    elif cls is int or (isinstance(value, int) and not isinstance(value, bool)):
+        if not MIN_INT <= value <= MAX_INT:  # type: ignore[operator]
+            raise _Unstorable(ValueError, "integers must fit in 64 bits")
+    elif cls is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise _Unstorable(ValueError, f"{value!r} is not valid JSON")
+    elif isinstance(value, dict):
+        if depth >= MAX_DEPTH:
+            raise _Unstorable(ValueError, f"nested deeper than {MAX_DEPTH} levels")
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _Unstorable(TypeError, f"dict keys must be str, not {type(key).__name__} {key!r}")
+            _check_text(key)
+            try:
+                _check_value(item, depth + 1)
+            except _Unstorable as exc:
+                exc.path.append(f"[{key!r}]")
+                raise
+    elif isinstance(value, list):
+        if depth >= MAX_DEPTH:
+            raise _Unstorable(ValueError, f"nested deeper than {MAX_DEPTH} levels")
+        for index, item in enumerate(value):
+            try:
+                _check_value(item, depth + 1)
+            except _Unstorable as exc:
+                exc.path.append(f"[{index}]")
+                raise
+    elif isinstance(value, str):
+        _check_text(value)
+    else:
+        raise _Unstorable(
+            TypeError,
+            f"{type(value).__name__} is not JSON; use dict, list, str, int, float, bool or None",
+        )
+
+
+def _check_storable(data: Mapping[str, Any]) -> None:
+    """Raise TypeError or ValueError, naming the bad value's place, if data cannot round-trip."""
+    try:
+        _check_value(data, 0)
+    except _Unstorable as exc:
+        where = "data" + "".join(reversed(exc.path))
+        raise exc.error_type(f"cannot store {where}: {exc.message}") from None
+
+
+def _dumps_stdlib(data: Mapping[str, Any], pretty: bool = False) -> bytes:
+    if pretty:
+        text = json.dumps(data, ensure_ascii=False, allow_nan=False, indent=2)
+    else:
+        text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.encode("utf-8")
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_float_stdlib(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # orjson refuses 1e400 too
+        raise ValueError(f"number {text} is too large")
+    return value
+
+
+def _parse_int_stdlib(text: str) -> int | float:
+    value = int(text)
+    if MIN_INT <= value <= MAX_INT:
+        return value
+    return _parse_float_stdlib(text)  # orjson reads such an integer as a float
+
+
+def _find_lone_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        return not value.isascii() and any(0xD800 <= ord(ch) <= 0xDFFF for ch in value)
+    if isinstance(value, dict):
+        return any(_find_lone_surrogate(k) or _find_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_find_lone_surrogate(item) for item in value)
+    return False
+
+
+def _loads_stdlib(raw: bytes) -> Any:
+    """Parse JSON as strictly as orjson does: UTF-8 only, no NaN, no lone surrogates."""
+    try:
+        value = json.loads(
+            raw.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_float=_parse_float_stdlib,
+            parse_int=_parse_int_stdlib,
+        )
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if b"\\u" in raw and _find_lone_surrogate(value):  # only escapes can spell one
+        raise ValueError("a lone surrogate escape is not valid UTF-8 text")
+    return value
+
+
+if HAVE_ORJSON:
+
+    def _dumps_orjson(data: Mapping[str, Any], pretty: bool = False) -> bytes:
+        return orjson.dumps(data, option=orjson.OPT_INDENT_2 if pretty else 0)
+
+    def _loads_orjson(raw: bytes) -> Any:
+        return orjson.loads(raw)
+
+    _dumps = _dumps_orjson
+    _loads = _loads_orjson
+else:
+    _dumps = _dumps_stdlib
+    _loads = _loads_stdlib
+
+
+def _encode_record(data: Mapping[str, Any], pretty: bool) -> tuple[bytes, bytes]:
+    """Check data and return (compact bytes for the cache, bytes for the file)."""
+    _check_storable(data)
+    # orjson's result keeps a buffer about four times its length; an exact copy
+    # is what the cache should hold.
+    compact = bytes(memoryview(_dumps(data)))
+    stored = _dumps(data, True) + b"\n" if pretty else compact
+    return compact, stored
+
+
+def _parse_record(raw: bytes, path: str) -> dict[str, Any]:
+    try:
+        value = _loads(raw)
+    except ValueError as exc:  # both back-ends' decode errors, and UnicodeDecodeError
+        reason = "the file is empty" if not raw.strip() else f"not valid JSON ({exc})"
+        raise CorruptDataError(path, reason) from exc
+    if not isinstance(value, dict):
+        raise CorruptDataError(path, f"holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _copy_json(value: Any) -> Any:
+    """Deep copy of a checked JSON value, several times faster than copy.deepcopy."""
+    if isinstance(value, dict):
+        return {key: _copy_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(item) for item in value]
+    return value
+
+
+def _merge_defaults(data: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Add every key of defaults missing from data, recursing into dicts; never overwrite."""
+    for key, default in defaults.items():
+        if key not in data:
+            data[key] = _copy_json(default)
+        elif isinstance(default, dict) and isinstance(data[key], dict):
+            _merge_defaults(data[key], default)
+
+
+# ---------------------------------------------------------------- user id <-> file name
+#
+# Percent-encoding (RFC 3986) of the id's UTF-8 bytes, with lowercase hex:
+# a-z, 0-9, "-" and "_" stand for themselves and every other character
+# becomes %xx. So "12345" -> 12345.json, "Alice" -> %41lice.json, "a.b" ->
+# a%2eb.json. A name never holds a capital letter or a non-ASCII character,
+# so ids that differ only in case or in Unicode normalisation still get
+# different files on macOS and Windows; never a "/", "\", "." or space, so no
+# name can leave the folder, be hidden, or end in a dot or space; and a
+# Windows device name (con, nul, com1...) gets its first letter escaped.
+
+_PLAIN_ID: Final = re.compile(r"[a-z0-9_-]+")
+_WINDOWS_DEVICE: Final = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9])")
+_ESCAPE: Final = re.compile(rb"%([0-9a-f]{2})")
+
+
+def _user_key(user_id: object) -> str:
+    """The canonical str form of an id: 5 and "5" are the same user."""
+    if isinstance(user_id, str):
+        key = str.__str__(user_id)
+    elif isinstance(user_id, int) and not isinstance(user_id, bool):
+        key = int.__repr__(user_id)
+    else:
+        raise TypeError(f"user id must be int or str, not {type(user_id).__name__}")
+    if not key:
+        raise InvalidUserIdError(user_id, "it is empty")
+    return key
+
+
+def _escape_char(char: str) -> str:
+    return "".join(f"%{byte:02x}" for byte in char.encode("utf-8", "surrogatepass"))
+
+
+def _file_name(key: str) -> str:
+    """The record's file name for a canonical id; raises InvalidUserIdError if too long."""
+    if _PLAIN_ID.fullmatch(key):
+        stem = key
+    else:
+        stem = "".join(ch if _PLAIN_ID.fullmatch(ch) else _escape_char(ch) for ch in key)
+    if _WINDOWS_DEVICE.fullmatch(stem):
+        stem = _escape_char(stem[0]) + stem[1:]
+    name = stem + RECORD_SUFFIX
+    if len(name) > MAX_FILE_NAME_BYTES:
+        raise InvalidUserIdError(
+            key, f"its file name would be {len(name)} bytes, over the {MAX_FILE_NAME_BYTES}-byte limit"
+        )
+    return name
+
+
+def _user_key_from_file_name(name: str) -> str | None:
+    """The id a file name stands for, or None when it is not a record JASON wrote."""
+    if not name.endswith(RECORD_SUFFIX) or not name.isascii():
+        return None
+    stem = name[: -len(RECORD_SUFFIX)].encode("ascii")
+    try:
+        key = _ESCAPE.sub(lambda m: bytes.fromhex(m[1].decode()), stem).decode("utf-8", "surrogatepass")
+        # Only the one canonical spelling counts: "%61.json" is not user "a".
+        return key if key and _file_name(key) == name else None
+    except (UnicodeDecodeError, InvalidUserIdError):
+        return None
+
+
+# ---------------------------------------------------------------- blocking file helpers
+
+
+def _read_record_sync(path: str) -> bytes | None:
+    """The file's bytes, or None when there is no record. Refuses symlinks and non-files."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptDataError(path, "it is a symbolic link, which JASON never follows") from exc
+        raise
+    with open(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptDataError(path, "it is not a regular file")
+        return file.read()
+
+
+def _is_record_sync(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _write_all_sync(fd: int, data: bytes) -> None:
+    """Write every byte: os.write may store only part of them (a short write)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "write stored no bytes")
+        view = view[written:]
+
+
+def _fsync_file(fd: int) -> None:
+    if sys.platform == "darwin":  # macOS: plain fsync stops at the drive's cache
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass  # a file system without F_FULLFSYNC (some network ones): fsync is all there is
+    os.fsync(fd)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename or unlink in folder durable: without it, a power cut can undo it."""
+    if sys.platform == "win32":  # Windows: folders cannot be opened; NTFS journals renames
+        return
+    fd = os.open(folder, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_sync(source: str, target: str) -> None:
+    """os.replace, retried briefly while another program has the target open (Windows)."""
+    for delay in REPLACE_RETRY_DELAYS:
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError as exc:
+            if getattr(exc, "winerror", None) not in _WINDOWS_BUSY_ERRORS:
+                raise
+        time.sleep(delay)
+    os.replace(source, target)
+
+
+def _write_atomic_sync(folder: str, name: str, data: bytes, durable: bool) -> None:
+    """Replace folder/name with data so that a crash leaves the old or the new file, whole."""
+    path = os.path.join(folder, name)
+    temp_path = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(8))
+    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_CLOEXEC, 0o666)
+    try:
+        try:
+            _write_all_sync(fd, data)
+            if durable:
+                # If this fails, never rename: the kernel may have dropped the
+                # pages, and a retry must write a new file from memory.
+                _fsync_file(fd)
+        finally:
+            os.close(fd)
+        _replace_sync(temp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the first error is the one to report
+            os.unlink(temp_path)
+        raise
+    if durable:
+        _fsync_dir(folder)
+
+
+def _delete_sync(folder: str, name: str, durable: bool) -> bool:
+    try:
+        os.unlink(os.path.join(folder, name))
+    except FileNotFoundError:
+        return False
+    if durable:
+        _fsync_dir(folder)
+    return True
+
+
+def _list_user_keys_sync(folder: str) -> list[str]:
+    keys = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            key = _user_key_from_file_name(entry.name)
+            if key is not None and entry.is_file(follow_symlinks=False):
+                keys.append(key)
+    keys.sort()
+    return keys
+
+
+if sys.platform == "win32":  # Windows: lock the first byte; the lock dies with the handle
+
+    def _try_lock_sync(fd: int) -> None:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+else:  # POSIX: flock, not lockf, whose lock any close of the file would drop
+
+    def _try_lock_sync(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _lock_folder_sync(folder: str) -> int:
+    """Take the folder's writer lock and return its fd; DatabaseLockedError if held."""
+    # The lock file is never deleted: deleting it would let a second process
+    # lock a new file while the first still holds the old one.
+    path = os.path.join(folder, LOCK_FILE_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_BINARY | _O_CLOEXEC, 0o666)
+    try:
+        _try_lock_sync(fd)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):
+            raise
+        raise DatabaseLockedError(folder, _lock_holder_sync(path)) from None
+    if sys.platform != "win32":  # a locked byte cannot be read on Windows
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _lock_holder_sync(path: str) -> str:
+    try:
+        with open(path, "rb") as file:
+            pid = file.read(32).strip().decode("ascii", "replace")
+    except OSError:
+        pid = ""
+    return f"process {pid}" if pid.isdigit() else "another process"
+
+
+# ---------------------------------------------------------------- cache and per-user locks
+
+_NOT_CACHED: Final = object()
+_T = TypeVar("_T")
+
+
+class _RecordCache:
+    """LRU of user key -> compact record bytes, or None for "no record on disk"."""
+
+    def __init__(self, max_size: int | None) -> None:
+        self.max_size = max_size
+        self._entries: OrderedDict[str, bytes | None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> object:
+        """The cached bytes or None, or _NOT_CACHED."""
+        try:
+            self._entries.move_to_end(key)
+        except KeyError:
+            return _NOT_CACHED
+        return self._entries[key]
+
+    def put(self, key: str, value: bytes | None) -> None:
+        if self.max_size == 0:
+            return
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        if self.max_size is not None and len(self._entries) > self.max_size:
+            self._entries.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class _UserLocks:
+    """One asyncio.Lock per user key, kept only while someone holds or awaits it.
+
+    Locks are made inside the running loop on first use and forgotten when the
+    last holder leaves, so memory follows the users in flight, not every user
+    ever seen, and an instance works across successive asyncio.run() calls.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._entries[key]
+
+
+class _SharedFolder:
+    """What every writing JASON of one folder in this process shares.
+
+    One writer lock (flock is per open file, so a second open in the same
+    process would lock itself out), one lock registry (so two instances never
+    write one user at once), and the instances, so a save through one drops
+    the stale copy from the others' caches.
+    """
+
+    def __init__(self, folder: str, lock_fd: int) -> None:
+        self.folder = folder
+        self.lock_fd: int | None = lock_fd
+        self.locks = _UserLocks()
+        self.instances: weakref.WeakSet[JASON] = weakref.WeakSet()
+
+
+_shared_folders: dict[str, _SharedFolder] = {}
+
+
+def _forget_folders_after_fork() -> None:
+    # The child must not write under its parent's lock. Closing its copy of the
+    # descriptor leaves the parent's lock in place; instances made before the
+    # fork see the pid change and refuse to write.
+    for shared in _shared_folders.values():
+        if shared.lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(shared.lock_fd)
+            shared.lock_fd = None
+    _shared_folders.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_folders_after_fork)
+
+
+async def _wait_in_thread(func: Callable[..., _T], *args: Any) -> _T:
+    """Run a blocking function in the loop's thread pool; on cancellation, still wait for it.
+
+    A thread cannot be stopped. Releasing the user's lock while its write is
+    still running would let a later save land first and then be overwritten.
+    """
+    future = asyncio.get_running_loop().run_in_executor(None, func, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((future,))
+        raise
+
+
+# ---------------------------------------------------------------- the database
+
+
+class JASON:
+    """A folder of per-user JSON records, loaded and saved through asyncio.
+
+    Every method is a coroutine. Operations on one user run one at a time;
+    different users run in parallel. Use as ``async with JASON(...) as db:``
+    or call ``await db.close()`` when done.
+    """
+
+    def __init__(
+        self,
+        db_folder: str | os.PathLike[str],
+        default_structure: Mapping[str, Any] | None = None,
+        *,
+        pretty: bool = False,
+        durable: bool = True,
+        cache_size: int | None = DEFAULT_CACHE_SIZE,
+        readonly: bool = False,
+    ) -> None:
+        """Open (and, unless readonly, create) db_folder.
+
+        Raises TypeError or ValueError for a default structure that cannot be
+        stored, FileNotFoundError for a missing folder in readonly mode, and
+        DatabaseLockedError when another process writes to the folder.
+        """
+        if cache_size is not None and (not isinstance(cache_size, int) or isinstance(cache_size, bool)):
+            raise TypeError(f"cache_size must be an int or None, not {type(cache_size).__name__}")
+        if cache_size is not None and cache_size < 0:
+            raise ValueError(f"cache_size must be 0 or more, not {cache_size}")
+        if default_structure is None:
+            default_structure = {}
+        if not isinstance(default_structure, Mapping):
+            raise TypeError(f"default_structure must be a dict, not {type(default_structure).__name__}")
+        self._default_bytes, _ = _encode_record(default_structure, pretty=False)
+        self._defaults: dict[str, Any] = _loads(self._default_bytes)
+        self._pretty = pretty
+        self._durable = durable
+        self._readonly = readonly
+        self._folder = os.path.abspath(os.path.expanduser(os.fspath(db_folder)))
+        self._pid = os.getpid()
+        self._closed = False
+        # A readonly instance keeps no cache: the writer may be another
+        # process, and only the file itself is never stale.
+        self._cache = _RecordCache(0 if readonly else cache_size)
+        if readonly:
+            if not os.path.isdir(self._folder):
+                raise FileNotFoundError(errno.ENOENT, "JASON folder does not exist", self._folder)
+            self._shared: _SharedFolder | None = None
+            self._locks = _UserLocks()
+        else:
+            os.makedirs(self._folder, exist_ok=True)
+            self._shared = self._attach_shared_folder()
+            self._locks = self._shared.locks
+
+    def _attach_shared_folder(self) -> _SharedFolder:
+        real_folder = os.path.realpath(self._folder)
+        shared = _shared_folders.get(real_folder)
+        if shared is None:
+            shared = _SharedFolder(real_folder, _lock_folder_sync(self._folder))
+            _shared_folders[real_folder] = shared
+        shared.instances.add(self)
+        return shared
+
+    def __repr__(self) -> str:
+        mode = "readonly" if self._readonly else "closed" if self._closed else "open"
+        return f"<JASON {self._folder!r} {mode}>"
+
+    async def __aenter__(self) -> JASON:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def folder(self) -> str:
+        """The absolute path of the database folder."""
+        return self._folder
+
+    async def close(self) -> None:
+        """Forget the cache and release the writer lock once no other instance here uses it.
+
+        Every later call on this instance raises JasonError. Closing twice is harmless.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._cache.clear()
+        shared = self._shared
+        if shared is None:
+            return
+        shared.instances.discard(self)
+        if not shared.instances and _shared_folders.get(shared.folder) is shared:
+            del _shared_folders[shared.folder]
+            if shared.lock_fd is not None:
+                os.close(shared.lock_fd)  # closing the only descriptor releases flock
+                shared.lock_fd = None
+
+    async def load_user_data(self, user_id: int | str) -> dict[str, Any]:
+        """The user's data, with missing default keys filled in (recursively).
+
+        An unknown user gets a copy of the default structure; nothing is
+        written. Each call returns a new, fully independent copy. Raises
+        CorruptDataError when the stored file is not a JSON object.
+        """
+        key = self._key(user_id)
+        cached = self._cache.get(key)
+        if cached is _NOT_CACHED:
+            async with self._locks.hold(key):
+                return await self._load_locked(key)
+        return self._decode(cached)  # type: ignore[arg-type]
+
+    async def save_user_data(self, user_id: int | str, data: Mapping[str, Any]) -> None:
+        """Store data as the user's whole record, atomically (durably, unless durable=False).
+
+        data is checked and serialised before anything is touched: TypeError or
+        ValueError leave file and cache as they were. An OSError from the disk
+        propagates; the record is then the old one, or the new one when only
+        the final folder fsync failed, and the next load reads whichever it is.
+        """
+        key = self._key(user_id)
+        self._check_writable("save_user_data")
+        if not isinstance(data, Mapping):
+            raise TypeError(f"data must be a dict, not {type(data).__name__}")
+        compact, stored = _encode_record(data, self._pretty)
+        async with self._locks.hold(key):
+            await self._write_locked(key, compact, stored)
+
+    @contextlib.asynccontextmanager
+    async def edit_user_data(self, user_id: int | str) -> AsyncIterator[dict[str, Any]]:
+        """Read-modify-write under the user's lock: saved on clean exit, dropped on exception.
+
+        ``async with db.edit_user_data(uid) as data: data["n"] += 1``
+        """
+        key = self._key(user_id)
+        self._check_writable("edit_user_data")
+        async with self._locks.hold(key):
+            data = await self._load_locked(key)
+            yield data
+            compact, stored = _encode_record(data, self._pretty)
+            await self._write_locked(key, compact, stored)
+
+    async def delete_user_data(self, user_id: int | str) -> bool:
+        """Delete the user's record; True when there was one."""
+        key = self._key(user_id)
+        self._check_writable("delete_user_data")
+        name = _file_name(key)
+        async with self._locks.hold(key):
+            try:
+                existed = await _wait_in_thread(_delete_sync, self._folder, name, self._durable)
+            finally:
+                self._forget(key)
+            self._cache.put(key, None)
+            return existed
+
+    async def user_exists(self, user_id: int | str) -> bool:
+        """True when the user has a stored record."""
+        key = self._key(user_id)
+        cached = self._cache.get(key)
+        if cached is not _NOT_CACHED:
+            return cached is not None
+        return await _wait_in_thread(_is_record_sync, os.path.join(self._folder, _file_name(key)))
+
+    async def user_ids(self) -> list[str]:
+        """Every stored user's id as a str, sorted; never a temp, lock or stray file."""
+        self._check_open()
+        return await _wait_in_thread(_list_user_keys_sync, self._folder)
+
+    # -------------------------------------------------- private helpers
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise JasonError(f"this JASON for {self._folder} is closed; open a new one")
+
+    def _key(self, user_id: object) -> str:
+        self._check_open()
+        return _user_key(user_id)
+
+    def _check_writable(self, operation: str) -> None:
+        if self._readonly:
+            raise ReadOnlyError(self._folder, operation)
+        if os.getpid() != self._pid:
+            raise DatabaseLockedError(
+                self._folder,
+                f"process {self._pid}, which opened this JASON before forking; "
+                "open a new JASON in this process",
+            )
+
+    def _decode(self, raw: bytes | None) -> dict[str, Any]:
+        if raw is None:
+            return _loads(self._default_bytes)  # type: ignore[no-any-return]
+        data: dict[str, Any] = _loads(raw)
+        _merge_defaults(data, self._defaults)
+        return data
+
+    async def _load_locked(self, key: str) -> dict[str, Any]:
+        """Like load_user_data; the caller holds the user's lock, so the cache cannot go stale."""
+        cached = self._cache.get(key)
+        if cached is not _NOT_CACHED:
+            return self._decode(cached)  # type: ignore[arg-type]
+        path = os.path.join(self._folder, _file_name(key))
+        raw = await _wait_in_thread(_read_record_sync, path)
+        if raw is None:
+            self._cache.put(key, None)
+            return self._decode(None)
+        data = _parse_record(raw, path)
+        if self._cache.max_size != 0:
+            # A pretty or hand-formatted file is cached compact, as saves are.
+            self._cache.put(key, bytes(memoryview(_dumps(data))))
+        _merge_defaults(data, self._defaults)
+        return data
+
+    async def _write_locked(self, key: str, compact: bytes, stored: bytes) -> None:
+        name = _file_name(key)
+        try:
+            await _wait_in_thread(_write_atomic_sync, self._folder, name, stored, self._durable)
+        finally:
+            # Other instances' copies are stale either way; so is ours if the
+            # write failed, when the disk may hold the old or the new record.
+            self._forget(key)
+        self._cache.put(key, compact)
+
+    def _forget(self, key: str) -> None:
+        self._cache.drop(key)
+        if self._shared is not None:
+            for instance in self._shared.instances:
+                instance._cache.drop(key)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _expect(ok: bool, message: str) -> None:
+    if not ok:  # not assert: python -O would skip the self-test's checks
+        raise AssertionError(message)
+
+
+async def _selftest_checks(folder: str) -> list[str]:
+    """Run the built-in checks in folder; return the names of those that passed."""
+    passed = []
+    default = {"balance": 0, "profile": {"name": "", "tags": []}}
+    async with JASON(folder, default) as db:
+        record = {"balance": 7, "profile": {"name": "Zoë ✓", "tags": ["a"]}, "ratio": 0.5}
+        await db.save_user_data(-100123, record)
+        loaded = await db.load_user_data("-100123")
+        _expect(loaded == record, f"round trip gave {loaded!r}")
+        loaded["profile"]["tags"].append("leak")
+        _expect((await db.load_user_data(-100123)) == record, "a returned copy shared state")
+        passed.append("round trip")
+
+        async def add_one() -> None:
+            async with db.edit_user_data("counter") as data:
+                data["balance"] += 1
+
+        await asyncio.gather(*(add_one() for _ in range(200)))
+        balance = (await db.load_user_data("counter"))["balance"]
+        _expect(balance == 200, f"200 concurrent increments gave {balance}")
+        passed.append("concurrency")
+
+        path = os.path.join(folder, _file_name("-100123"))
+        before = _read_record_sync(path)
+        try:
+            await db.save_user_data(-100123, {"bad": float("nan")})
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("NaN was accepted")
+        _expect(_read_record_sync(path) == before, "a refused save changed the file")
+        leftovers = [name for name in os.listdir(folder) if name.startswith(TEMP_PREFIX)]
+        _expect(not leftovers, f"temp files left behind: {leftovers}")
+        _expect(await db.user_ids() == ["-100123", "counter"], "user_ids() is wrong")
+        passed.append("atomic replace")
+
+    sample = {"text": "héllo \u2028 \x00", "n": [1, -2, 2**63, 1.5, True, None], "nested": {"a": {}}}
+    for pretty in (False, True):
+        stdlib = _dumps_stdlib(sample, pretty)
+        _expect(_loads_stdlib(stdlib) == sample, "the stdlib back-end does not round-trip")
+        _expect(_loads(stdlib) == sample, "the active back-end cannot read the stdlib's output")
+        _expect(_dumps(sample, pretty) == stdlib, "the back-ends wrote different bytes")
+    passed.append("stdlib fallback")
+    return passed
+
+
+def _run_selftest() -> int:
+    import tempfile
+
+    backends = f"orjson {'on' if HAVE_ORJSON else 'off'}, aiofiles {'on' if HAVE_AIOFILES else 'off'}"
+    with tempfile.TemporaryDirectory(prefix="jason-selftest-") as folder:
+        try:
+            passed = asyncio.run(_selftest_checks(folder))
+        except Exception as exc:  # report any failure as a failed self-test, not a traceback
+            print(f"selftest FAILED: {type(exc).__name__}: {exc} ({backends})", file=sys.stderr)
+            return 1
+    print(f"selftest passed: {', '.join(passed)} ({backends}, Python {sys.version.split()[0]})")
+    return 0
+
+
+def _build_parser() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="jason",
+        description="JASON: a per-user JSON file database for chatbots.",
+    )
+    parser.add_argument("--version", action="version", version=f"jason {__version__}")
+    parser.add_argument("--selftest", action="store_true", help="run the built-in self-check and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.selftest:
+        return _run_selftest()
+    parser.print_help(sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
