@@ -732,7 +732,7 @@ class JASON:
             default_structure = {}
         if not isinstance(default_structure, Mapping):
             raise TypeError(f"default_structure must be a dict, not {type(default_structure).__name__}")
-        self._default_bytes, _ = _encode_record(default_structure, pretty=False)
+        self._default_bytes, _ = _encode_record(dict(default_structure), pretty=False)
         self._defaults: dict[str, Any] = _loads(self._default_bytes)
         self._pretty = pretty
         self._durable = durable
@@ -822,6 +822,8 @@ class JASON:
         self._check_writable("save_user_data")
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a dict, not {type(data).__name__}")
+        if not isinstance(data, dict):
+            data = dict(data)
         compact, stored = _encode_record(data, self._pretty)
         async with self._locks.hold(key):
             await self._write_locked(key, compact, stored)

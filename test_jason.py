@@ -1,0 +1,987 @@
+"""Tests for jason.py: python -m unittest -v test_jason
+
+Every test runs with whatever optional back-ends are installed; `make test`
+runs the suite twice, the second time with orjson and aiofiles blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import types
+import unicodedata
+import unittest
+from unittest import mock
+
+import jason
+from jason import (
+    JASON,
+    CorruptDataError,
+    DatabaseLockedError,
+    InvalidUserIdError,
+    JasonError,
+    ReadOnlyError,
+)
+
+# IsolatedAsyncioTestCase runs the loop in debug mode, which logs every step
+# slower than 0.1 s; on a shared machine that is noise, not a finding.
+logging.getLogger("asyncio").setLevel(logging.ERROR)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHILD_TIMEOUT = 60
+DEFAULT = {"challenges": {}, "active_challenge": None, "challenge_balance": 0, "profile": {"tags": []}}
+RECORD = {"challenges": {"run": 3}, "active_challenge": "run", "challenge_balance": 5, "profile": {"tags": ["x"]}}
+
+
+def run_child(code: str, *args: str, timeout: float = CHILD_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Run code in a fresh interpreter that imports this checkout's jason."""
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True, text=True, timeout=timeout, env=env, check=False,
+    )
+
+
+def temp_files(folder: str) -> list[str]:
+    return [name for name in os.listdir(folder) if name.startswith(jason.TEMP_PREFIX)]
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+class FolderMixin(unittest.IsolatedAsyncioTestCase):
+    """A fresh temporary folder per test; every database opened through open_db is closed."""
+
+    async def asyncSetUp(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="jason-test-")
+        self.folder = os.path.join(self._tmp.name, "users")
+        self._opened: list[JASON] = []
+        self.db = self.open_db()
+
+    async def asyncTearDown(self) -> None:
+        for db in self._opened:
+            await db.close()
+        self._tmp.cleanup()
+
+    def open_db(self, **options: object) -> JASON:
+        options.setdefault("default_structure", DEFAULT)
+        db = JASON(self.folder, **options)  # type: ignore[arg-type]
+        self._opened.append(db)
+        return db
+
+    def path(self, user_id: int | str) -> str:
+        return os.path.join(self.folder, jason._file_name(jason._user_key(user_id)))
+
+
+# ---------------------------------------------------------------- construction
+
+
+class ConstructionTest(FolderMixin):
+    async def test_creates_folder_with_parents_and_expands_home(self) -> None:
+        with mock.patch.dict(os.environ, {"HOME": self._tmp.name, "USERPROFILE": self._tmp.name}):
+            db = JASON("~/deep/er/users")
+        try:
+            self.assertEqual(db.folder, os.path.join(self._tmp.name, "deep", "er", "users"))
+            self.assertTrue(os.path.isdir(db.folder))
+        finally:
+            await db.close()
+
+    async def test_unstorable_default_structure_fails_at_construction(self) -> None:
+        await self.db.close()
+        for default, error in [({"s": {1, 2}}, TypeError), ({"x": float("nan")}, ValueError),
+                               ({1: "a"}, TypeError), (["not", "a", "dict"], TypeError)]:
+            with self.subTest(default=default), self.assertRaises(error):
+                JASON(self.folder, default)
+
+    async def test_bad_cache_size_is_refused(self) -> None:
+        for size, error in [(-1, ValueError), ("10", TypeError), (True, TypeError), (1.5, TypeError)]:
+            with self.subTest(size=size), self.assertRaises(error):
+                JASON(self.folder, cache_size=size)  # type: ignore[arg-type]
+
+    async def test_default_structure_is_copied_at_construction(self) -> None:
+        default = {"items": []}
+        db = self.open_db(default_structure=default)
+        default["items"].append("changed later")
+        self.assertEqual(await db.load_user_data(1), {"items": []})
+
+    async def test_pretty_indents_by_two_spaces_and_compact_otherwise(self) -> None:
+        await self.db.save_user_data(1, {"a": [1], "b": "é"})
+        self.assertEqual(read_bytes(self.path(1)), '{"a":[1],"b":"é"}'.encode())
+        pretty = self.open_db(pretty=True)
+        await pretty.save_user_data(2, {"a": [1], "b": "é"})
+        self.assertEqual(read_bytes(self.path(2)), '{\n  "a": [\n    1\n  ],\n  "b": "é"\n}\n'.encode())
+        self.assertEqual(await self.db.load_user_data(2), {**DEFAULT, "a": [1], "b": "é"})
+
+    async def test_readonly_on_missing_folder_raises_and_creates_nothing(self) -> None:
+        missing = os.path.join(self._tmp.name, "missing")
+        with self.assertRaises(FileNotFoundError):
+            JASON(missing, readonly=True)
+        self.assertFalse(os.path.exists(missing))
+
+    async def test_readonly_creates_no_file_at_all(self) -> None:
+        folder = os.path.join(self._tmp.name, "ro")
+        os.mkdir(folder)
+        async with JASON(folder, DEFAULT, readonly=True) as db:
+            self.assertEqual(await db.load_user_data(7), DEFAULT)
+            self.assertFalse(await db.user_exists(7))
+            self.assertEqual(await db.user_ids(), [])
+        self.assertEqual(os.listdir(folder), [])
+
+    async def test_async_with_closes_and_every_call_after_close_raises(self) -> None:
+        async with JASON(self.folder + "2") as db:
+            await db.save_user_data(1, {"a": 1})
+        calls = [db.load_user_data(1), db.save_user_data(1, {}), db.delete_user_data(1),
+                 db.user_exists(1), db.user_ids()]
+        for call in calls:
+            with self.assertRaisesRegex(JasonError, "closed"):
+                await call
+        with self.assertRaisesRegex(JasonError, "closed"):
+            async with db.edit_user_data(1):
+                pass
+        await db.close()  # twice is harmless
+
+    async def test_close_releases_the_writer_lock(self) -> None:
+        await self.db.close()
+        result = run_child(f"import jason; jason.JASON({self.folder!r}); print('opened')")
+        self.assertEqual(result.stdout.strip(), "opened", result.stderr)
+
+
+class SuccessiveEventLoopsTest(unittest.TestCase):
+    def test_one_instance_survives_successive_asyncio_run_calls(self) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            db = JASON(folder, {"n": 0}, durable=False)
+
+            async def bump(times: int) -> None:
+                async def one() -> None:
+                    async with db.edit_user_data("u") as data:
+                        data["n"] += 1
+                await asyncio.gather(*(one() for _ in range(times)))
+
+            for _ in range(3):
+                asyncio.run(bump(50))
+            self.assertEqual(asyncio.run(db.load_user_data("u")), {"n": 150})
+            self.assertEqual(len(db._locks), 0)
+            asyncio.run(db.close())
+
+
+# ---------------------------------------------------------------- load
+
+
+class LoadTest(FolderMixin):
+    async def test_unknown_user_gets_the_default_and_no_file_is_written(self) -> None:
+        self.assertEqual(await self.db.load_user_data(42), DEFAULT)
+        self.assertEqual(await self.db.user_ids(), [])
+        self.assertFalse(os.path.exists(self.path(42)))
+
+    async def test_missing_default_keys_are_filled_recursively_without_overwriting(self) -> None:
+        with open(self.path(1), "w", encoding="utf-8") as file:
+            json.dump({"challenge_balance": 9, "active_challenge": {"kept": True}, "profile": {"name": "a"},
+                       "extra": 1}, file)
+        self.assertEqual(await self.db.load_user_data(1), {
+            "challenge_balance": 9, "active_challenge": {"kept": True},
+            "profile": {"name": "a", "tags": []}, "extra": 1, "challenges": {},
+        })
+
+    async def test_a_stored_non_dict_is_never_replaced_by_a_default_dict(self) -> None:
+        await self.db.save_user_data(1, {"profile": None, "challenges": [1]})
+        data = await self.db.load_user_data(1)
+        self.assertIsNone(data["profile"])
+        self.assertEqual(data["challenges"], [1])
+
+    async def test_every_load_is_a_fully_independent_copy(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        first = await self.db.load_user_data(1)
+        first["profile"]["tags"].append("leak")
+        first["challenges"]["new"] = 1
+        self.assertEqual(await self.db.load_user_data(1), RECORD)
+
+    async def test_nested_defaults_are_never_shared_between_users(self) -> None:
+        alice = await self.db.load_user_data("alice")
+        alice["profile"]["tags"].append("alice only")
+        alice["challenges"]["x"] = 1
+        self.assertEqual(await self.db.load_user_data("bob"), DEFAULT)
+        await self.db.save_user_data(3, {})
+        three = await self.db.load_user_data(3)
+        three["profile"]["tags"].append("three only")
+        self.assertEqual((await self.db.load_user_data(4))["profile"], {"tags": []})
+        self.assertEqual((await self.db.load_user_data(3))["profile"], {"tags": []})
+
+
+# ---------------------------------------------------------------- save
+
+
+class SaveTest(FolderMixin):
+    async def test_round_trip_keeps_non_ascii_text_readable(self) -> None:
+        data = {"name": "Zoë Привет 😀", "n": [1, 2.5, None, True], "d": {"x": {}}}
+        await self.db.save_user_data(1, data)
+        self.assertEqual(await self.db.load_user_data(1), {**DEFAULT, **data})
+        raw = read_bytes(self.path(1))
+        self.assertIn("Zoë Привет 😀".encode(), raw)
+        self.assertEqual(json.loads(raw), data)
+
+    async def test_data_that_is_not_a_mapping_is_refused(self) -> None:
+        for data in ([1, 2], "text", None, 5):
+            with self.subTest(data=data), self.assertRaises(TypeError):
+                await self.db.save_user_data(1, data)  # type: ignore[arg-type]
+        self.assertFalse(os.path.exists(self.path(1)))
+
+    async def test_any_mapping_is_accepted(self) -> None:
+        await self.db.save_user_data(1, types.MappingProxyType({"a": 1}))
+        self.assertEqual((await self.db.load_user_data(1))["a"], 1)
+
+    async def test_unstorable_data_leaves_file_and_cache_unchanged(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        before = read_bytes(self.path(1))
+        bad_values = [({"when": object()}, TypeError), ({"nan": float("inf")}, ValueError),
+                      ({"deep": {"er": {2: "x"}}}, TypeError), ({"s": "\ud800"}, ValueError)]
+        for data, error in bad_values:
+            with self.subTest(data=data), self.assertRaises(error):
+                await self.db.save_user_data(1, data)
+            self.assertEqual(read_bytes(self.path(1)), before)
+            self.assertEqual(await self.db.load_user_data(1), RECORD)
+        self.assertEqual(temp_files(self.folder), [])
+
+    async def test_error_names_where_the_bad_value_is(self) -> None:
+        with self.assertRaisesRegex(TypeError, r"data\['a'\]\[1\]\['b'\]: set"):
+            await self.db.save_user_data(1, {"a": [0, {"b": {1}}]})
+
+    async def test_mutating_data_after_save_changes_nothing_stored(self) -> None:
+        data = {"items": [1]}
+        await self.db.save_user_data(1, data)
+        data["items"].append(2)
+        self.assertEqual((await self.db.load_user_data(1))["items"], [1])
+
+    async def test_durable_save_fsyncs_the_file_and_then_the_folder(self) -> None:
+        synced: list[str] = []
+        real_fsync = os.fsync
+
+        def recording_fsync(fd: int) -> None:
+            synced.append("folder" if _is_dir_fd(fd) else "file")
+            real_fsync(fd)
+
+        with mock.patch("os.fsync", recording_fsync):
+            await self.db.save_user_data(1, {"a": 1})
+            self.assertEqual(synced, ["file", "folder"])
+            synced.clear()
+            await self.open_db(durable=False, cache_size=0).save_user_data(2, {"a": 1})
+            self.assertEqual(synced, [])
+
+    async def test_short_writes_still_store_the_whole_record(self) -> None:
+        real_write = os.write
+
+        def short_write(fd: int, data: bytes) -> int:
+            return real_write(fd, bytes(data[:7]))
+
+        big = {"text": "x" * 5000, "list": list(range(100))}
+        with mock.patch("os.write", short_write):
+            await self.db.save_user_data(1, big)
+        self.assertEqual(json.loads(read_bytes(self.path(1))), big)
+
+    async def test_a_write_that_stores_nothing_raises_and_never_becomes_the_record(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        before = read_bytes(self.path(1))
+        real_write = os.write
+        with mock.patch("os.write", lambda fd, data: real_write(fd, bytes(data[:3])) and 0), \
+                self.assertRaises(OSError) as caught:
+            await self.db.save_user_data(1, {"new": "data" * 100})
+        self.assertEqual(caught.exception.errno, errno.EIO)
+        self.assertEqual(read_bytes(self.path(1)), before)
+        self.assertEqual(temp_files(self.folder), [])
+
+    async def test_os_errors_propagate_with_old_record_intact_and_cache_coherent(self) -> None:
+        steps = {
+            "open": "os.open", "write": "os.write", "fsync": "os.fsync", "replace": "os.replace",
+        }
+        for step, target in steps.items():
+            for code in (errno.ENOSPC, errno.EIO, errno.EACCES):
+                with self.subTest(step=step, errno=errno.errorcode[code]):
+                    await self.db.save_user_data(1, RECORD)
+                    before = read_bytes(self.path(1))
+                    with mock.patch(target, side_effect=OSError(code, os.strerror(code))), \
+                            self.assertRaises(OSError) as caught:
+                        await self.db.save_user_data(1, {"changed": True})
+                    self.assertEqual(caught.exception.errno, code)
+                    self.assertEqual(read_bytes(self.path(1)), before)
+                    self.assertEqual(temp_files(self.folder), [])
+                    self.assertEqual(await self.db.load_user_data(1), RECORD)
+                    await self.db.save_user_data(1, {**RECORD, "after": step})
+                    self.assertEqual((await self.db.load_user_data(1))["after"], step)
+
+    async def test_failed_folder_fsync_raises_and_load_returns_what_is_on_disk(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        real_fsync = os.fsync
+
+        def fail_on_folder(fd: int) -> None:
+            if _is_dir_fd(fd):
+                raise OSError(errno.EIO, "folder fsync failed")
+            real_fsync(fd)
+
+        with mock.patch("os.fsync", fail_on_folder), self.assertRaises(OSError):
+            await self.db.save_user_data(1, {"new": 1})
+        on_disk = json.loads(read_bytes(self.path(1)))
+        self.assertEqual(on_disk, {"new": 1})
+        self.assertEqual(await self.db.load_user_data(1), {**DEFAULT, "new": 1})
+
+    async def test_windows_sharing_violations_are_retried_briefly(self) -> None:
+        real_replace = os.replace
+        calls = []
+
+        def busy_twice(source: str, target: str) -> None:
+            calls.append(source)
+            if len(calls) <= 2:
+                busy = PermissionError(errno.EACCES, "The process cannot access the file")
+                busy.winerror = 32  # type: ignore[attr-defined]
+                raise busy
+            real_replace(source, target)
+
+        with mock.patch("os.replace", busy_twice), mock.patch("time.sleep"):
+            await self.db.save_user_data(1, {"a": 1})
+        self.assertEqual(len(calls), 3)
+        self.assertEqual((await self.db.load_user_data(1))["a"], 1)
+
+    async def test_a_target_that_stays_busy_fails_after_bounded_retries(self) -> None:
+        busy = PermissionError(errno.EACCES, "Access is denied")
+        busy.winerror = 5  # type: ignore[attr-defined]
+        with mock.patch("os.replace", side_effect=busy) as replace, mock.patch("time.sleep"), \
+                self.assertRaises(PermissionError):
+            await self.db.save_user_data(1, {"a": 1})
+        self.assertEqual(replace.call_count, len(jason.REPLACE_RETRY_DELAYS) + 1)
+        self.assertEqual(temp_files(self.folder), [])
+
+    async def test_other_permission_errors_are_not_retried(self) -> None:
+        with mock.patch("os.replace", side_effect=PermissionError(errno.EPERM, "nope")) as replace, \
+                self.assertRaises(PermissionError):
+            await self.db.save_user_data(1, {"a": 1})
+        self.assertEqual(replace.call_count, 1)
+
+    async def test_readonly_refuses_every_write(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        reader = self.open_db(readonly=True)
+        with self.assertRaises(ReadOnlyError):
+            await reader.save_user_data(1, {})
+        with self.assertRaises(ReadOnlyError):
+            await reader.delete_user_data(1)
+        with self.assertRaises(ReadOnlyError):
+            async with reader.edit_user_data(1):
+                pass
+        self.assertEqual(await reader.load_user_data(1), RECORD)
+
+
+def _is_dir_fd(fd: int) -> bool:
+    import stat
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
+# ---------------------------------------------------------------- edit
+
+
+class EditTest(FolderMixin):
+    async def test_clean_exit_saves(self) -> None:
+        async with self.db.edit_user_data(1) as data:
+            data["challenge_balance"] += 2
+        self.assertEqual(json.loads(read_bytes(self.path(1)))["challenge_balance"], 2)
+
+    async def test_an_exception_discards_the_changes(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        before = read_bytes(self.path(1))
+        with self.assertRaises(KeyError):
+            async with self.db.edit_user_data(1) as data:
+                data["challenge_balance"] = 1000
+                raise KeyError("handler failed")
+        self.assertEqual(read_bytes(self.path(1)), before)
+        self.assertEqual(await self.db.load_user_data(1), RECORD)
+
+    async def test_unstorable_edit_raises_and_saves_nothing(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        with self.assertRaises(TypeError):
+            async with self.db.edit_user_data(1) as data:
+                data["when"] = {1, 2}
+        self.assertEqual(await self.db.load_user_data(1), RECORD)
+
+    async def test_1000_concurrent_increments_give_exactly_1000(self) -> None:
+        db = self.open_db(durable=False)
+
+        async def increment() -> None:
+            async with db.edit_user_data("hot") as data:
+                value = data["challenge_balance"]
+                await asyncio.sleep(0)  # let every other editor run in between
+                data["challenge_balance"] = value + 1
+
+        await asyncio.gather(*(increment() for _ in range(1000)))
+        self.assertEqual((await db.load_user_data("hot"))["challenge_balance"], 1000)
+        self.assertEqual(json.loads(read_bytes(self.path("hot")))["challenge_balance"], 1000)
+
+
+# ---------------------------------------------------------------- delete
+
+
+class DeleteTest(FolderMixin):
+    async def test_delete_reports_whether_a_record_existed(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        self.assertTrue(await self.db.user_exists(1))
+        self.assertTrue(await self.db.delete_user_data(1))
+        self.assertFalse(os.path.exists(self.path(1)))
+        self.assertFalse(await self.db.user_exists(1))
+        self.assertFalse(await self.db.delete_user_data(1))
+        self.assertEqual(await self.db.load_user_data(1), DEFAULT)
+
+    async def test_a_deleted_user_stays_deleted_after_reopening(self) -> None:
+        await self.db.save_user_data("gone", RECORD)
+        await self.db.delete_user_data("gone")
+        await self.db.close()
+        async with JASON(self.folder, DEFAULT) as again:
+            self.assertFalse(await again.user_exists("gone"))
+            self.assertEqual(await again.load_user_data("gone"), DEFAULT)
+
+    async def test_user_exists_reads_the_disk_when_not_cached(self) -> None:
+        db = self.open_db(cache_size=0)
+        self.assertFalse(await db.user_exists(5))
+        with open(self.path(5), "w", encoding="utf-8") as file:
+            file.write("{}")
+        self.assertTrue(await db.user_exists(5))
+
+
+# ---------------------------------------------------------------- user_ids
+
+
+class UserIdsTest(FolderMixin):
+    async def test_ids_come_back_as_str_sorted(self) -> None:
+        for user_id in (12345, -100123, "alice", "Bob", "a.b"):
+            await self.db.save_user_data(user_id, {})
+        self.assertEqual(await self.db.user_ids(), sorted(["12345", "-100123", "alice", "Bob", "a.b"]))
+
+    async def test_only_records_are_listed(self) -> None:
+        await self.db.save_user_data("real", {})
+        outside = os.path.join(self._tmp.name, "outside.json")
+        with open(outside, "w", encoding="utf-8") as file:
+            file.write("{}")
+        for name in ("notes.txt", ".DS_Store", "Alice.json", "%61.json", "a.b.json", ".json", "%zz.json",
+                     "%c3.json", "con.json", jason.TEMP_PREFIX + "0123456789abcdef"):
+            with open(os.path.join(self.folder, name), "w", encoding="utf-8") as file:
+                file.write("{}")
+        os.mkdir(os.path.join(self.folder, "folder.json"))
+        os.symlink(outside, os.path.join(self.folder, "linked.json"))
+        self.assertEqual(await self.db.user_ids(), ["real"])
+
+
+# ---------------------------------------------------------------- user id <-> file name
+
+
+HOSTILE_IDS = [
+    "/", "\\", "..", ".", "../x", "a/../../b", "C:\\x", "\x00", "a\x00b", " ", "x ", "x.", "...",
+    "emoji 😀", "Привет", "CON", "con", "nul", "Nul", "com1", "COM1", "lpt9", "con.txt", "aux.json",
+    "é", "e\u0301", "Alice", "alice", "ALICE", "%", "%41", "a%2eb", "a.b", ".hidden", "-", "_", "--x",
+    "\ud800", "\ud83d\ude00", "😀", "tab\there", "new\nline", "'\"<>|?*:", "ß", "SS", "ss", "ǅ", "ǆ",
+    "x" * 64, "." * 64, "😀" * 16, "\U0010ffff" * 16, "Ä" * 16,
+]
+
+
+class UserIdMappingTest(FolderMixin):
+    async def test_simple_ids_stay_readable_on_disk(self) -> None:
+        for user_id, name in [(12345, "12345.json"), (-100123, "-100123.json"), ("alice", "alice.json"),
+                              ("a_b-c", "a_b-c.json")]:
+            self.assertEqual(jason._file_name(jason._user_key(user_id)), name)
+
+    async def test_int_and_str_forms_are_the_same_user_and_cache_entry(self) -> None:
+        await self.db.save_user_data(5, {"n": 1})
+        self.assertEqual((await self.db.load_user_data("5"))["n"], 1)
+        await self.db.save_user_data("5", {"n": 2})
+        self.assertEqual((await self.db.load_user_data(5))["n"], 2)
+        self.assertEqual(await self.db.user_ids(), ["5"])
+        self.assertEqual(len(self.db._cache), 1)
+
+    async def test_hostile_ids_each_get_their_own_safe_file_inside_the_folder(self) -> None:
+        db = self.open_db(durable=False)
+        for index, user_id in enumerate(HOSTILE_IDS):
+            await db.save_user_data(user_id, {"index": index})
+        names = os.listdir(self.folder)
+        records = [name for name in names if name.endswith(".json")]
+        self.assertEqual(len(records), len(HOSTILE_IDS))
+        folded = {unicodedata.normalize("NFC", name).casefold() for name in records}
+        self.assertEqual(len(folded), len(records), "two ids share a file on a case-insensitive disk")
+        for name in records:
+            self.assertTrue(name.isascii() and name == name.lower(), name)
+            self.assertFalse(name.startswith("."), name)
+            self.assertNotRegex(name.split(".")[0], r"^(con|prn|aux|nul|com\d|lpt\d)$")
+            self.assertLessEqual(len(name.encode()), 255)
+        for index, user_id in enumerate(HOSTILE_IDS):
+            with self.subTest(user_id=user_id):
+                self.assertEqual((await db.load_user_data(user_id))["index"], index)
+                path = os.path.realpath(self.path(user_id))
+                self.assertEqual(os.path.dirname(path), os.path.realpath(self.folder))
+        self.assertEqual(sorted(await db.user_ids()), sorted(HOSTILE_IDS))
+
+    def test_random_ids_round_trip_through_their_file_names(self) -> None:
+        rng = random.Random(20261130)
+        alphabet = [chr(c) for c in range(0, 0x250)] + list("😀€ß\u0301\ud800\udfff/\\. ")
+        for _ in range(3000):
+            key = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 16)))
+            name = jason._file_name(key)
+            self.assertEqual(jason._user_key_from_file_name(name), key)
+            self.assertTrue(name.isascii() and name == name.lower())
+
+    async def test_invalid_ids_raise_and_touch_nothing(self) -> None:
+        for user_id, error in [("", InvalidUserIdError), ("a" * 300, InvalidUserIdError),
+                               ("é" * 60, InvalidUserIdError), (True, TypeError), (None, TypeError),
+                               (1.5, TypeError), (b"x", TypeError), (("a",), TypeError)]:
+            with self.subTest(user_id=user_id):
+                with self.assertRaises(error):
+                    await self.db.save_user_data(user_id, {})  # type: ignore[arg-type]
+                with self.assertRaises(error):
+                    await self.db.load_user_data(user_id)  # type: ignore[arg-type]
+        self.assertEqual(os.listdir(self.folder), [jason.LOCK_FILE_NAME])
+        self.assertTrue(issubclass(InvalidUserIdError, ValueError))
+
+    async def test_long_ids_are_fine_while_their_file_name_fits(self) -> None:
+        await self.db.save_user_data("a" * 250, {"ok": 1})
+        self.assertEqual(await self.db.user_ids(), ["a" * 250])
+
+
+# ---------------------------------------------------------------- corruption
+
+
+CORRUPT_CONTENTS = {
+    "empty": b"",
+    "whitespace": b"  \n",
+    "truncated": b'{"challenge_balance": 5, "chall',
+    "a list": b"[1, 2]",
+    "a string": b'"text"',
+    "bad utf-8": b'{"a": "\xff\xfe"}',
+    "trailing comma": b'{"a": 1,}',
+    "NaN": b'{"a": NaN}',
+    "byte order mark": b'\xef\xbb\xbf{"a": 1}',
+    "lone surrogate": b'{"a": "\\ud800"}',
+    "infinite number": b'{"a": 1e400}',
+    "NUL bytes": b"\x00" * 64,
+}
+
+
+class CorruptionTest(FolderMixin):
+    async def test_corrupt_records_raise_and_are_left_byte_for_byte(self) -> None:
+        await self.db.save_user_data("neighbour", RECORD)
+        for label, content in CORRUPT_CONTENTS.items():
+            with self.subTest(label):
+                with open(self.path("victim"), "wb") as file:
+                    file.write(content)
+                with self.assertRaises(CorruptDataError) as caught:
+                    await self.db.load_user_data("victim")
+                self.assertEqual(caught.exception.path, self.path("victim"))
+                self.assertIn(self.path("victim"), str(caught.exception))
+                with self.assertRaises(CorruptDataError):
+                    async with self.db.edit_user_data("victim"):
+                        pass
+                self.assertEqual(read_bytes(self.path("victim")), content)
+                self.assertEqual(await self.db.load_user_data("neighbour"), RECORD)
+
+    async def test_errors_survive_pickling(self) -> None:
+        for error in [CorruptDataError("/x/1.json", "empty"), InvalidUserIdError("", "empty"),
+                      DatabaseLockedError("/x", "process 1"), ReadOnlyError("/x", "save_user_data")]:
+            copy = pickle.loads(pickle.dumps(error))
+            self.assertEqual((type(copy), str(copy)), (type(error), str(error)))
+        self.assertEqual(pickle.loads(pickle.dumps(CorruptDataError("/p", "r"))).path, "/p")
+
+    async def test_a_symlinked_record_is_not_followed(self) -> None:
+        secret = os.path.join(self._tmp.name, "secret.json")
+        with open(secret, "w", encoding="utf-8") as file:
+            file.write('{"secret": 1}')
+        os.symlink(secret, self.path("link"))
+        with self.assertRaisesRegex(CorruptDataError, "symbolic link"):
+            await self.db.load_user_data("link")
+
+    async def test_a_folder_in_place_of_a_record_is_reported(self) -> None:
+        os.mkdir(self.path("dir"))
+        with self.assertRaises((CorruptDataError, IsADirectoryError)):
+            await self.db.load_user_data("dir")
+
+
+# ---------------------------------------------------------------- cache
+
+
+class CacheTest(FolderMixin):
+    async def test_cache_is_bounded_least_recently_used_first(self) -> None:
+        db = self.open_db(cache_size=3, durable=False)
+        for user in range(10):
+            await db.save_user_data(user, {"u": user})
+        self.assertEqual(list(db._cache._entries), ["7", "8", "9"])
+        await db.load_user_data(7)
+        await db.load_user_data(0)
+        self.assertEqual(list(db._cache._entries), ["9", "7", "0"])
+
+    async def test_cached_loads_do_not_touch_the_disk(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        with mock.patch("os.open", side_effect=OSError(errno.EIO, "disk gone")):
+            self.assertEqual(await self.db.load_user_data(1), RECORD)
+
+    async def test_cache_size_zero_reads_the_file_every_time(self) -> None:
+        db = self.open_db(cache_size=0)
+        await db.save_user_data(1, {"v": 1})
+        with open(self.path(1), "w", encoding="utf-8") as file:
+            file.write('{"v": 2}')
+        self.assertEqual((await db.load_user_data(1))["v"], 2)
+        self.assertEqual(len(db._cache), 0)
+
+    async def test_unbounded_cache_keeps_everyone(self) -> None:
+        db = self.open_db(cache_size=None, durable=False)
+        for user in range(50):
+            await db.save_user_data(user, {})
+        self.assertEqual(len(db._cache), 50)
+
+    async def test_a_failed_save_leaves_no_stale_cache(self) -> None:
+        await self.db.save_user_data(1, {"v": 1})
+        with mock.patch("os.replace", side_effect=OSError(errno.EIO, "io")), self.assertRaises(OSError):
+            await self.db.save_user_data(1, {"v": 2})
+        with open(self.path(1), "w", encoding="utf-8") as file:  # what the disk says is what a load returns
+            file.write('{"v": 3}')
+        self.assertEqual((await self.db.load_user_data(1))["v"], 3)
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+class ConcurrencyTest(FolderMixin):
+    async def test_different_users_are_written_in_parallel_and_one_user_is_not(self) -> None:
+        barrier = threading.Barrier(2, timeout=5)
+        real_write = jason._write_atomic_sync
+
+        def meet_then_write(*args: object) -> None:
+            barrier.wait()
+            real_write(*args)  # type: ignore[arg-type]
+
+        with mock.patch("jason._write_atomic_sync", meet_then_write):
+            await asyncio.gather(self.db.save_user_data(1, {}), self.db.save_user_data(2, {}))
+            barrier.reset()
+            with self.assertRaises(threading.BrokenBarrierError):
+                await asyncio.gather(self.db.save_user_data(3, {}), self.db.save_user_data(3, {}))
+
+    async def test_lock_registry_holds_only_users_in_flight(self) -> None:
+        db = self.open_db(durable=False, cache_size=100)
+        for start in range(0, 10_000, 500):
+            await asyncio.gather(*(db.load_user_data(u) for u in range(start, start + 500)))
+            await asyncio.gather(*(db.save_user_data(u, {}) for u in range(start, start + 20)))
+        self.assertEqual(len(db._locks), 0)
+        self.assertLessEqual(len(db._cache), 100)
+
+    async def test_a_cancelled_save_still_finishes_before_the_next_save_starts(self) -> None:
+        release = threading.Event()
+        started: list[bytes] = []
+        real_write = jason._write_atomic_sync
+
+        def slow_write(folder: str, name: str, data: bytes, durable: bool) -> None:
+            started.append(data)
+            if len(started) == 1:
+                release.wait(5)
+            real_write(folder, name, data, durable)
+
+        with mock.patch("jason._write_atomic_sync", slow_write):
+            first = asyncio.ensure_future(self.db.save_user_data(1, {"v": "first"}))
+            while not started:
+                await asyncio.sleep(0.01)
+            first.cancel()
+            second = asyncio.ensure_future(self.db.save_user_data(1, {"v": "second"}))
+            await asyncio.sleep(0.1)
+            self.assertEqual(len(started), 1, "the next save ran while the cancelled write was in flight")
+            release.set()
+            with self.assertRaises(asyncio.CancelledError):
+                await first
+            await second
+        self.assertEqual(json.loads(read_bytes(self.path(1))), {"v": "second"})
+        self.assertEqual((await self.db.load_user_data(1))["v"], "second")
+
+    async def test_two_instances_on_one_folder_see_each_other_at_once(self) -> None:
+        other = self.open_db()
+        await self.db.save_user_data(1, {"v": 1})
+        self.assertEqual((await other.load_user_data(1))["v"], 1)
+        await other.save_user_data(1, {"v": 2})
+        self.assertEqual((await self.db.load_user_data(1))["v"], 2)
+        await other.delete_user_data(1)
+        self.assertFalse(await self.db.user_exists(1))
+        self.assertEqual(await self.db.load_user_data(1), DEFAULT)
+
+    async def test_edits_through_two_instances_lose_nothing(self) -> None:
+        first, second = self.open_db(durable=False), self.open_db(durable=False)
+
+        async def increment(db: JASON) -> None:
+            async with db.edit_user_data("shared") as data:
+                value = data["challenge_balance"]
+                await asyncio.sleep(0)
+                data["challenge_balance"] = value + 1
+
+        await asyncio.gather(*(increment(db) for _ in range(250) for db in (first, second)))
+        self.assertEqual((await first.load_user_data("shared"))["challenge_balance"], 500)
+
+    async def test_closing_one_instance_keeps_the_lock_for_the_other(self) -> None:
+        other = self.open_db()
+        await self.db.close()
+        result = run_child(f"import jason; jason.JASON({self.folder!r})")
+        self.assertIn("DatabaseLockedError", result.stderr)
+        await other.save_user_data(1, {"still": "writing"})
+
+
+# ---------------------------------------------------------------- processes
+
+
+@unittest.skipUnless(hasattr(signal, "SIGKILL"), "needs POSIX signals")
+class ProcessesTest(FolderMixin):
+    async def test_a_second_writer_process_is_refused_with_a_clear_message(self) -> None:
+        result = run_child(f"""
+            import jason
+            try:
+                jason.JASON({self.folder!r})
+            except jason.DatabaseLockedError as exc:
+                print(exc)
+                raise SystemExit(3)
+        """)
+        self.assertEqual(result.returncode, 3, result.stderr)
+        self.assertIn(self.folder, result.stdout)
+        self.assertIn(f"process {os.getpid()}", result.stdout)
+        self.assertIn("readonly=True", result.stdout)
+
+    async def test_a_readonly_process_reads_beside_the_writer(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        result = run_child(f"""
+            import asyncio, json, jason
+            async def main():
+                async with jason.JASON({self.folder!r}, readonly=True) as db:
+                    print(json.dumps(await db.load_user_data(1)))
+            asyncio.run(main())
+        """)
+        self.assertEqual(json.loads(result.stdout), RECORD, result.stderr)
+        await self.db.save_user_data(1, {"newer": True})
+        result = run_child(result.args[2])
+        self.assertEqual(json.loads(result.stdout), {"newer": True}, result.stderr)
+
+    async def test_the_lock_dies_with_a_killed_writer(self) -> None:
+        await self.db.close()
+        child = subprocess.Popen(
+            [sys.executable, "-c", f"import jason, time; jason.JASON({self.folder!r}); print('ready', flush=True); "
+                                   "time.sleep(60)"],
+            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": HERE},
+        )
+        try:
+            self.assertEqual(child.stdout.readline().strip(), "ready")  # type: ignore[union-attr]
+            with self.assertRaises(DatabaseLockedError):
+                JASON(self.folder)
+            child.send_signal(signal.SIGKILL)
+            child.wait(CHILD_TIMEOUT)
+        finally:
+            child.kill()
+            child.stdout.close()  # type: ignore[union-attr]
+        reopened = self.open_db()
+        await reopened.save_user_data(1, {"after": "kill"})
+
+    async def test_killed_mid_save_loop_every_record_is_one_written_version(self) -> None:
+        await self.db.close()
+        script = f"""
+            import asyncio, sys, jason
+            async def main():
+                db = jason.JASON({self.folder!r})
+                log = open(sys.argv[1], "a", buffering=1)
+                async def writer(worker):
+                    for n in range(10**9):
+                        user = n % 5 if worker else 0
+                        data = {{"worker": worker, "n": n, "pad": "x" * (n % 3000)}}
+                        log.write(f"{{user}} {{worker}} {{n}}\\n")
+                        await db.save_user_data(user, data)
+                await asyncio.gather(*(writer(w) for w in range(4)))
+            asyncio.run(main())
+        """
+        log_path = os.path.join(self._tmp.name, "log.txt")
+        rng = random.Random(7)
+        for _ in range(5):
+            child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), log_path],
+                                     env={**os.environ, "PYTHONPATH": HERE})
+            await asyncio.sleep(0.3 + rng.random() * 0.4)
+            child.kill()
+            child.wait(CHILD_TIMEOUT)
+            with open(log_path, encoding="utf-8") as log:
+                written = {tuple(int(x) for x in line.split()) for line in log if line.count(" ") == 2}
+            async with JASON(self.folder, readonly=True) as reader:
+                users = await reader.user_ids()
+                self.assertTrue(users)
+                for user in users:
+                    record = await reader.load_user_data(user)
+                    self.assertIn((int(user), record["worker"], record["n"]), written)
+                    self.assertEqual(record["pad"], "x" * (record["n"] % 3000))
+        writer = self.open_db()  # opens at once: the lock died with the process
+        listed = await writer.user_ids()
+        self.assertFalse(set(listed) & set(temp_files(self.folder)))
+        self.assertTrue(all(user.isdigit() for user in listed), listed)
+
+    async def test_exit_before_rename_keeps_the_old_record(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        before = read_bytes(self.path(1))
+        await self.db.close()
+        result = run_child(f"""
+            import asyncio, os, jason
+            os.replace = lambda *a: os._exit(9)
+            asyncio.run(jason.JASON({self.folder!r}).save_user_data(1, {{"new": 1}}))
+        """)
+        self.assertEqual(result.returncode, 9, result.stderr)
+        self.assertEqual(read_bytes(self.path(1)), before)
+        async with JASON(self.folder, DEFAULT) as again:
+            self.assertEqual(await again.load_user_data(1), RECORD)
+            self.assertEqual(await again.user_ids(), ["1"])
+
+
+@unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
+class ForkTest(unittest.TestCase):
+    def test_a_forked_child_cannot_write_under_the_parents_lock(self) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            db = JASON(folder)
+            asyncio.run(db.save_user_data(1, {"parent": 1}))
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: report through the pipe, then leave at once
+                outcome = []
+                try:
+                    asyncio.run(db.save_user_data(1, {"child": 1}))
+                    outcome.append("saved")
+                except DatabaseLockedError:
+                    outcome.append("old refused")
+                try:
+                    JASON(folder)
+                    outcome.append("opened")
+                except DatabaseLockedError:
+                    outcome.append("new refused")
+                os.write(write_end, ",".join(outcome).encode())
+                os._exit(0)
+            os.close(write_end)
+            os.waitpid(pid, 0)
+            with os.fdopen(read_end) as pipe:
+                self.assertEqual(pipe.read(), "old refused,new refused")
+            asyncio.run(db.save_user_data(1, {"parent": 2}))
+            result = run_child(f"import jason; jason.JASON({folder!r})")
+            self.assertIn("DatabaseLockedError", result.stderr, "the child's exit released the parent's lock")
+            self.assertEqual(asyncio.run(db.load_user_data(1)), {"parent": 2})
+            asyncio.run(db.close())
+
+
+# ---------------------------------------------------------------- serialisation parity
+
+
+class ParityChecks:
+    """Checks that every back-end must pass; subclasses bind dumps and loads."""
+
+    dumps = staticmethod(jason._dumps_stdlib)
+    loads = staticmethod(jason._loads_stdlib)
+
+    STORABLE = [
+        {}, {"a": None, "b": True, "c": False}, {"int": [0, -1, 2**63 - 1, -(2**63), 2**64 - 1]},
+        {"float": [0.0, -0.0, 0.1, 1.5e300, 5e-324, 123456789.125]}, {"text": "é😀\u2028\x00\x1f\"\\/"},
+        {"nested": {"a": [{"b": [[]]}]}}, {"ключ": "значение"}, {"": ""},
+    ]
+
+    def test_storable_values_round_trip(self) -> None:
+        for value in self.STORABLE:
+            for pretty in (False, True):
+                jason._check_storable(value)
+                self.assertEqual(self.loads(self.dumps(value, pretty)), value)  # type: ignore[misc]
+
+    def test_bytes_match_the_stdlib_except_float_spelling(self) -> None:
+        for value in self.STORABLE:
+            if "float" not in value:
+                for pretty in (False, True):
+                    self.assertEqual(self.dumps(value, pretty), jason._dumps_stdlib(value, pretty))  # type: ignore[misc]
+
+    def test_non_ascii_is_written_as_utf8_not_escaped(self) -> None:
+        self.assertEqual(self.dumps({"a": "é"}), '{"a":"é"}'.encode())  # type: ignore[misc]
+
+    def test_subclasses_are_stored_as_their_base_type(self) -> None:
+        import enum
+        from collections import OrderedDict
+
+        class Level(enum.IntEnum):
+            HIGH = 3
+
+        value = OrderedDict(level=Level.HIGH, items=type("L", (list,), {})([1]))
+        jason._check_storable(value)
+        self.assertEqual(self.loads(self.dumps(value)), {"level": 3, "items": [1]})  # type: ignore[misc]
+
+    def test_refused_values_raise_the_same_errors(self) -> None:
+        import datetime
+        import decimal
+
+        class MyFloat(float):
+            pass
+
+        deep: dict[str, object] = {}
+        node = deep
+        for _ in range(jason.MAX_DEPTH + 1):
+            node["d"] = {}
+            node = node["d"]  # type: ignore[assignment]
+        refused = [
+            ({1: "a"}, TypeError), ({None: 1}, TypeError), ({"t": (1, 2)}, TypeError), ({"s": {1}}, TypeError),
+            ({"b": b"x"}, TypeError), ({"d": datetime.datetime(2026, 1, 1)}, TypeError),
+            ({"x": decimal.Decimal(1)}, TypeError), ({"f": MyFloat(1.0)}, TypeError),
+            ({"n": float("nan")}, ValueError), ({"i": float("-inf")}, ValueError),
+            ({"big": 2**64}, ValueError), ({"small": -(2**63) - 1}, ValueError),
+            ({"s": "a\udc80"}, ValueError), ({"\ud800": 1}, ValueError), (deep, ValueError),
+        ]
+        for value, error in refused:
+            with self.subTest(value=str(value)[:60]), self.assertRaises(error):  # type: ignore[attr-defined]
+                jason._check_storable(value)
+
+    def test_parsing_refuses_the_same_inputs(self) -> None:
+        for label, raw in CORRUPT_CONTENTS.items():
+            if label in {"a list", "a string"}:
+                continue  # valid JSON: refused later, for not being an object
+            with self.subTest(label), self.assertRaises(ValueError):  # type: ignore[attr-defined]
+                self.loads(raw)  # type: ignore[misc]
+
+    def test_parsing_agrees_on_edge_values(self) -> None:
+        raw = b'{"big": 18446744073709551615, "huge": 18446744073709551616, "dup": 1, "dup": 2, "e": 1E2}'
+        self.assertEqual(self.loads(raw), {"big": 2**64 - 1, "huge": 1.8446744073709552e19, "dup": 2, "e": 100.0})  # type: ignore[misc]
+
+
+class StdlibParityTest(ParityChecks, unittest.TestCase):
+    pass
+
+
+@unittest.skipUnless(jason.HAVE_ORJSON, "orjson is not installed")
+class OrjsonParityTest(ParityChecks, unittest.TestCase):
+    dumps = staticmethod(getattr(jason, "_dumps_orjson", None))
+    loads = staticmethod(getattr(jason, "_loads_orjson", None))
+
+
+# ---------------------------------------------------------------- command line
+
+
+class CLITest(unittest.TestCase):
+    def run_cli(self, *args: str, blocked: bool = False) -> subprocess.CompletedProcess[str]:
+        prefix = "import sys; sys.modules['orjson'] = None; sys.modules['aiofiles'] = None; " if blocked else ""
+        code = prefix + "import sys, jason; sys.exit(jason.main(sys.argv[1:]))"
+        return run_child(code, *args)
+
+    def test_version_matches_the_module(self) -> None:
+        result = self.run_cli("--version")
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, f"jason {jason.__version__}"))
+
+    def test_selftest_passes_with_the_installed_back_ends(self) -> None:
+        result = self.run_cli("--selftest")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("selftest passed", result.stdout)
+
+    def test_selftest_passes_on_the_standard_library_alone(self) -> None:
+        result = self.run_cli("--selftest", blocked=True)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("orjson off, aiofiles off", result.stdout)
+
+    def test_no_command_is_a_usage_error(self) -> None:
+        self.assertEqual(self.run_cli().returncode, 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
