@@ -41,7 +41,9 @@ logging.getLogger("asyncio").setLevel(logging.ERROR)
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD_TIMEOUT = 60
 DEFAULT = {"challenges": {}, "active_challenge": None, "challenge_balance": 0, "profile": {"tags": []}}
-RECORD = {"challenges": {"run": 3}, "active_challenge": "run", "challenge_balance": 5, "profile": {"tags": ["x"]}}
+RECORD = {
+    "challenges": {"run": 3}, "active_challenge": "run", "challenge_balance": 5, "profile": {"tags": ["x"]},
+}
 
 
 def run_child(code: str, *args: str, timeout: float = CHILD_TIMEOUT) -> subprocess.CompletedProcess[str]:
@@ -231,6 +233,14 @@ class SaveTest(FolderMixin):
         raw = read_bytes(self.path(1))
         self.assertIn("Zoë Привет 😀".encode(), raw)
         self.assertEqual(json.loads(raw), data)
+
+    async def test_large_records_round_trip(self) -> None:
+        db = self.open_db(default_structure={})
+        for data in ({"blob": "é" * 5_000_000}, {f"k{i}": i for i in range(100_000)},
+                     {"rows": [{"id": i, "tags": ["a", "b"]} for i in range(50_000)]}):
+            await db.save_user_data("big", data)
+            self.assertEqual(await db.load_user_data("big"), data)
+            self.assertEqual(await self.open_db(default_structure={}, cache_size=0).load_user_data("big"), data)
 
     async def test_data_that_is_not_a_mapping_is_refused(self) -> None:
         for data in ([1, 2], "text", None, 5):
@@ -766,8 +776,8 @@ class ProcessesTest(FolderMixin):
     async def test_the_lock_dies_with_a_killed_writer(self) -> None:
         await self.db.close()
         child = subprocess.Popen(
-            [sys.executable, "-c", f"import jason, time; jason.JASON({self.folder!r}); print('ready', flush=True); "
-                                   "time.sleep(60)"],
+            [sys.executable, "-c",
+             f"import jason, time; jason.JASON({self.folder!r}); print('ready', flush=True); time.sleep(60)"],
             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": HERE},
         )
         try:
@@ -878,11 +888,11 @@ class ParityChecks:
     dumps = staticmethod(jason._dumps_stdlib)
     loads = staticmethod(jason._loads_stdlib)
 
-    STORABLE = [
+    STORABLE: tuple[dict[str, object], ...] = (
         {}, {"a": None, "b": True, "c": False}, {"int": [0, -1, 2**63 - 1, -(2**63), 2**64 - 1]},
         {"float": [0.0, -0.0, 0.1, 1.5e300, 5e-324, 123456789.125]}, {"text": "é😀\u2028\x00\x1f\"\\/"},
         {"nested": {"a": [{"b": [[]]}]}}, {"ключ": "значение"}, {"": ""},
-    ]
+    )
 
     def test_storable_values_round_trip(self) -> None:
         for value in self.STORABLE:
@@ -923,7 +933,8 @@ class ParityChecks:
             node["d"] = {}
             node = node["d"]  # type: ignore[assignment]
         refused = [
-            ({1: "a"}, TypeError), ({None: 1}, TypeError), ({"t": (1, 2)}, TypeError), ({"s": {1}}, TypeError),
+            ({1: "a"}, TypeError), ({None: 1}, TypeError), ({"t": (1, 2)}, TypeError),
+            ({"s": {1}}, TypeError),
             ({"b": b"x"}, TypeError), ({"d": datetime.datetime(2026, 1, 1)}, TypeError),
             ({"x": decimal.Decimal(1)}, TypeError), ({"f": MyFloat(1.0)}, TypeError),
             ({"n": float("nan")}, ValueError), ({"i": float("-inf")}, ValueError),
@@ -943,7 +954,8 @@ class ParityChecks:
 
     def test_parsing_agrees_on_edge_values(self) -> None:
         raw = b'{"big": 18446744073709551615, "huge": 18446744073709551616, "dup": 1, "dup": 2, "e": 1E2}'
-        self.assertEqual(self.loads(raw), {"big": 2**64 - 1, "huge": 1.8446744073709552e19, "dup": 2, "e": 100.0})  # type: ignore[misc]
+        expected = {"big": 2**64 - 1, "huge": 1.8446744073709552e19, "dup": 2, "e": 100.0}
+        self.assertEqual(self.loads(raw), expected)  # type: ignore[misc]
 
 
 class StdlibParityTest(ParityChecks, unittest.TestCase):
@@ -961,7 +973,8 @@ class OrjsonParityTest(ParityChecks, unittest.TestCase):
 
 class CLITest(unittest.TestCase):
     def run_cli(self, *args: str, blocked: bool = False) -> subprocess.CompletedProcess[str]:
-        prefix = "import sys; sys.modules['orjson'] = None; sys.modules['aiofiles'] = None; " if blocked else ""
+        block = "import sys; sys.modules['orjson'] = None; sys.modules['aiofiles'] = None; "
+        prefix = block if blocked else ""
         code = prefix + "import sys, jason; sys.exit(jason.main(sys.argv[1:]))"
         return run_child(code, *args)
 
