@@ -235,12 +235,12 @@ class SaveTest(FolderMixin):
         self.assertEqual(json.loads(raw), data)
 
     async def test_large_records_round_trip(self) -> None:
-        db = self.open_db(default_structure={})
+        db, uncached = self.open_db(default_structure={}), self.open_db(default_structure={}, cache_size=0)
         for data in ({"blob": "é" * 5_000_000}, {f"k{i}": i for i in range(100_000)},
                      {"rows": [{"id": i, "tags": ["a", "b"]} for i in range(50_000)]}):
             await db.save_user_data("big", data)
             self.assertEqual(await db.load_user_data("big"), data)
-            self.assertEqual(await self.open_db(default_structure={}, cache_size=0).load_user_data("big"), data)
+            self.assertEqual(await uncached.load_user_data("big"), data)
 
     async def test_data_that_is_not_a_mapping_is_refused(self) -> None:
         for data in ([1, 2], "text", None, 5):
