@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -49,7 +50,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Final, Literal, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -83,6 +84,10 @@ else:  # POSIX: flock, whose lock dies with the process
 RECORD_SUFFIX: Final = ".json"
 LOCK_FILE_NAME: Final = ".jason.lock"
 TEMP_PREFIX: Final = ".jason-tmp-"
+# A quarantined record is renamed <name>.corrupt-<UTC time>-<random>: it no
+# longer ends in .json, so it is never listed or loaded, and JASON never deletes it.
+QUARANTINE_MARK: Final = ".corrupt-"
+CORRUPT_POLICIES: Final = ("raise", "quarantine")
 # Most file systems (ext4, APFS, NTFS) cap one name at 255 bytes.
 MAX_FILE_NAME_BYTES: Final = 255
 # orjson refuses to write deeper than 254 levels and the stdlib recurses once
@@ -102,6 +107,8 @@ _WINDOWS_BUSY_ERRORS: Final = frozenset({5, 32, 33})
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)  # Windows only; no newline translation
 _O_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)  # keep lock and data fds out of children
 _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)  # never follow a record out of its folder
+
+_log = logging.getLogger("jason")
 
 # ---------------------------------------------------------------- errors
 
@@ -437,10 +444,29 @@ def _read_record_sync(path: str) -> bytes | None:
         if exc.errno == errno.ELOOP:
             raise CorruptDataError(path, "it is a symbolic link, which JASON never follows") from exc
         raise
-    with open(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise CorruptDataError(path, "it is not a regular file")
-        return file.read()
+        chunks: list[bytes] = []
+        while True:  # until end of file: os.read may return less than asked
+            chunk = os.read(fd, info.st_size + 1)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def _quarantine_sync(folder: str, name: str, durable: bool) -> str:
+    """Move a corrupt record aside, to a name never listed as a user; return the new path."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    suffix = f"{QUARANTINE_MARK}{stamp}-{secrets.token_hex(3)}"
+    target = os.path.join(folder, name[: MAX_FILE_NAME_BYTES - len(suffix)] + suffix)
+    os.rename(os.path.join(folder, name), target)
+    if durable:
+        _fsync_dir(folder)
+    return target
 
 
 def _is_record_sync(path: str) -> bool:
@@ -717,13 +743,22 @@ class JASON:
         durable: bool = True,
         cache_size: int | None = DEFAULT_CACHE_SIZE,
         readonly: bool = False,
+        on_corrupt: Literal["raise", "quarantine"] = "raise",
     ) -> None:
         """Open (and, unless readonly, create) db_folder.
+
+        on_corrupt="raise" (the default) makes a load of a corrupt record raise
+        CorruptDataError and leaves the file alone. "quarantine" moves the file
+        aside (see QUARANTINE_MARK), logs a warning on the "jason" logger and
+        starts the user from the default structure; a readonly instance still
+        raises, since it never writes.
 
         Raises TypeError or ValueError for a default structure that cannot be
         stored, FileNotFoundError for a missing folder in readonly mode, and
         DatabaseLockedError when another process writes to the folder.
         """
+        if on_corrupt not in CORRUPT_POLICIES:
+            raise ValueError(f"on_corrupt must be one of {CORRUPT_POLICIES}, not {on_corrupt!r}")
         if cache_size is not None and (not isinstance(cache_size, int) or isinstance(cache_size, bool)):
             raise TypeError(f"cache_size must be an int or None, not {type(cache_size).__name__}")
         if cache_size is not None and cache_size < 0:
@@ -737,6 +772,7 @@ class JASON:
         self._pretty = pretty
         self._durable = durable
         self._readonly = readonly
+        self._quarantine = on_corrupt == "quarantine" and not readonly
         self._folder = os.path.abspath(os.path.expanduser(os.fspath(db_folder)))
         self._pid = os.getpid()
         self._closed = False
@@ -900,12 +936,21 @@ class JASON:
         cached = self._cache.get(key)
         if cached is not _NOT_CACHED:
             return self._decode(cached)  # type: ignore[arg-type]
-        path = os.path.join(self._folder, _file_name(key))
-        raw = await _wait_in_thread(_read_record_sync, path)
-        if raw is None:
+        name = _file_name(key)
+        path = os.path.join(self._folder, name)
+        try:
+            raw = await _wait_in_thread(_read_record_sync, path)
+            data = None if raw is None else _parse_record(raw, path)
+        except CorruptDataError as exc:
+            if not self._quarantine:
+                raise
+            moved_to = await _wait_in_thread(_quarantine_sync, self._folder, name, self._durable)
+            _log.warning("%s; moved it to %s and started user %r afresh from the default structure",
+                         exc, moved_to, key)
+            data = None
+        if data is None:
             self._cache.put(key, None)
             return self._decode(None)
-        data = _parse_record(raw, path)
         if self._cache.max_size != 0:
             # A pretty or hand-formatted file is cached compact, as saves are.
             self._cache.put(key, bytes(memoryview(_dumps(data))))
