@@ -107,6 +107,7 @@ _WINDOWS_BUSY_ERRORS: Final = frozenset({5, 32, 33})
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)  # Windows only; no newline translation
 _O_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)  # keep lock and data fds out of children
 _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)  # never follow a record out of its folder
+_O_NONBLOCK: Final = getattr(os, "O_NONBLOCK", 0)  # a FIFO named like a record must not hang a load
 
 _log = logging.getLogger("jason")
 
@@ -437,7 +438,7 @@ def _user_key_from_file_name(name: str) -> str | None:
 def _read_record_sync(path: str) -> bytes | None:
     """The file's bytes, or None when there is no record. Refuses symlinks and non-files."""
     try:
-        fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW | _O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:

@@ -7,6 +7,7 @@ runs the suite twice, the second time with orjson and aiofiles blocked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -22,6 +23,8 @@ import threading
 import types
 import unicodedata
 import unittest
+from collections.abc import Iterator
+from typing import Callable
 from unittest import mock
 
 import jason
@@ -311,40 +314,6 @@ class SaveTest(FolderMixin):
         self.assertEqual(read_bytes(self.path(1)), before)
         self.assertEqual(temp_files(self.folder), [])
 
-    async def test_os_errors_propagate_with_old_record_intact_and_cache_coherent(self) -> None:
-        steps = {
-            "open": "os.open", "write": "os.write", "fsync": "os.fsync", "replace": "os.replace",
-        }
-        for step, target in steps.items():
-            for code in (errno.ENOSPC, errno.EIO, errno.EACCES):
-                with self.subTest(step=step, errno=errno.errorcode[code]):
-                    await self.db.save_user_data(1, RECORD)
-                    before = read_bytes(self.path(1))
-                    with mock.patch(target, side_effect=OSError(code, os.strerror(code))), \
-                            self.assertRaises(OSError) as caught:
-                        await self.db.save_user_data(1, {"changed": True})
-                    self.assertEqual(caught.exception.errno, code)
-                    self.assertEqual(read_bytes(self.path(1)), before)
-                    self.assertEqual(temp_files(self.folder), [])
-                    self.assertEqual(await self.db.load_user_data(1), RECORD)
-                    await self.db.save_user_data(1, {**RECORD, "after": step})
-                    self.assertEqual((await self.db.load_user_data(1))["after"], step)
-
-    async def test_failed_folder_fsync_raises_and_load_returns_what_is_on_disk(self) -> None:
-        await self.db.save_user_data(1, RECORD)
-        real_fsync = os.fsync
-
-        def fail_on_folder(fd: int) -> None:
-            if _is_dir_fd(fd):
-                raise OSError(errno.EIO, "folder fsync failed")
-            real_fsync(fd)
-
-        with mock.patch("os.fsync", fail_on_folder), self.assertRaises(OSError):
-            await self.db.save_user_data(1, {"new": 1})
-        on_disk = json.loads(read_bytes(self.path(1)))
-        self.assertEqual(on_disk, {"new": 1})
-        self.assertEqual(await self.db.load_user_data(1), {**DEFAULT, "new": 1})
-
     async def test_windows_sharing_violations_are_retried_briefly(self) -> None:
         real_replace = os.replace
         calls = []
@@ -393,6 +362,85 @@ class SaveTest(FolderMixin):
 def _is_dir_fd(fd: int) -> bool:
     import stat
     return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
+class FaultInjectionTest(FolderMixin):
+    """Each I/O step of a save, and the read of a load, fails in turn with a real OSError."""
+
+    # step -> (os function, which calls fail, is the new record in place after the failure)
+    SAVE_STEPS = {
+        "open temp file": ("open", lambda args: os.path.basename(args[0]).startswith(jason.TEMP_PREFIX), False),
+        "write": ("write", lambda args: True, False),
+        "fsync file": ("fsync", lambda args: not _is_dir_fd(args[0]), False),
+        "replace": ("replace", lambda args: True, False),
+        "open folder": ("open", lambda args: os.path.isdir(args[0]), True),
+        "fsync folder": ("fsync", lambda args: _is_dir_fd(args[0]), True),
+    }
+    ERRNOS = (errno.ENOSPC, errno.EIO, errno.EACCES)
+
+    async def test_every_save_step_fails_cleanly(self) -> None:
+        new = {"changed": True}
+        for step, (function, selects, replaced) in self.SAVE_STEPS.items():
+            for code in self.ERRNOS:
+                with self.subTest(step=step, errno=errno.errorcode[code]):
+                    await self.db.save_user_data(1, RECORD)
+                    before = read_bytes(self.path(1))
+                    with failing(function, selects, code), self.assertRaises(OSError) as caught:
+                        await self.db.save_user_data(1, new)
+                    self.assertEqual(caught.exception.errno, code)  # the OSError itself, errno intact
+                    self.assertEqual(temp_files(self.folder), [])
+                    if replaced:  # renamed, durability unknown: the disk holds the new record
+                        self.assertEqual(json.loads(read_bytes(self.path(1))), new)
+                        self.assertEqual(await self.db.load_user_data(1), {**DEFAULT, **new})
+                    else:
+                        self.assertEqual(read_bytes(self.path(1)), before)
+                        self.assertEqual(await self.db.load_user_data(1), RECORD)
+                    await self.db.save_user_data(1, {**RECORD, "after": step})  # works again at once
+                    self.assertEqual((await self.db.load_user_data(1))["after"], step)
+
+    async def test_a_failing_read_raises_and_caches_nothing(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        for function in ("open", "read"):
+            for code in self.ERRNOS:
+                with self.subTest(function=function, errno=errno.errorcode[code]):
+                    fresh = self.open_db()
+                    with failing(function, lambda args: True, code), self.assertRaises(OSError) as caught:
+                        await fresh.load_user_data(1)
+                    self.assertEqual(caught.exception.errno, code)
+                    self.assertEqual(len(fresh._cache), 0)
+                    self.assertEqual(await fresh.load_user_data(1), RECORD)
+
+    async def test_a_short_write_then_an_error_never_becomes_the_record(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        before = read_bytes(self.path(1))
+        real_write = os.write
+        calls = []
+
+        def half_then_full_disk(fd: int, data: bytes) -> int:
+            calls.append(len(data))
+            if len(calls) == 1:
+                return real_write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with mock.patch("os.write", half_then_full_disk), self.assertRaises(OSError):
+            await self.db.save_user_data(1, {"big": "y" * 10_000})
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(read_bytes(self.path(1)), before)
+        self.assertEqual(temp_files(self.folder), [])
+
+
+@contextlib.contextmanager
+def failing(function: str, selects: Callable[[tuple[object, ...]], bool], code: int) -> Iterator[None]:
+    """Make os.<function> raise OSError(code) on the calls that selects() picks."""
+    real = getattr(os, function)
+
+    def fake(*args: object, **kwargs: object) -> object:
+        if selects(args):
+            raise OSError(code, os.strerror(code))
+        return real(*args, **kwargs)
+
+    with mock.patch(f"os.{function}", fake):
+        yield
 
 
 # ---------------------------------------------------------------- edit
@@ -615,6 +663,141 @@ class CorruptionTest(FolderMixin):
         os.mkdir(self.path("dir"))
         with self.assertRaises((CorruptDataError, IsADirectoryError)):
             await self.db.load_user_data("dir")
+
+
+class QuarantineTest(FolderMixin):
+    async def test_quarantine_moves_the_file_aside_logs_and_starts_afresh(self) -> None:
+        db = self.open_db(on_corrupt="quarantine", cache_size=0)  # the test edits files behind its back
+        await db.save_user_data("neighbour", RECORD)
+        for label, content in CORRUPT_CONTENTS.items():
+            with self.subTest(label):
+                with open(self.path("victim"), "wb") as file:
+                    file.write(content)
+                before = set(os.listdir(self.folder))
+                with self.assertLogs("jason", "WARNING") as logs:
+                    self.assertEqual(await db.load_user_data("victim"), DEFAULT)
+                moved = sorted(set(os.listdir(self.folder)) - before)
+                self.assertEqual(len(moved), 1)
+                self.assertTrue(moved[0].startswith("victim.json" + jason.QUARANTINE_MARK), moved)
+                self.assertEqual(read_bytes(os.path.join(self.folder, moved[0])), content)
+                self.assertIn(moved[0], logs.output[0])
+                self.assertFalse(os.path.exists(self.path("victim")))
+                self.assertEqual(await db.user_ids(), ["neighbour"])
+        await db.save_user_data("victim", {"fresh": 1})
+        await db.delete_user_data("victim")
+        quarantined = [n for n in os.listdir(self.folder) if jason.QUARANTINE_MARK in n]
+        self.assertEqual(len(quarantined), len(CORRUPT_CONTENTS), "JASON deleted a quarantined file")
+
+    async def test_raise_is_the_default_and_readonly_never_quarantines(self) -> None:
+        with open(self.path("victim"), "wb") as file:
+            file.write(b"{broken")
+        reader = self.open_db(readonly=True, on_corrupt="quarantine")
+        for db in (self.db, reader):
+            with self.assertRaises(CorruptDataError):
+                await db.load_user_data("victim")
+        self.assertEqual(read_bytes(self.path("victim")), b"{broken")
+
+    async def test_a_long_id_gets_a_quarantine_name_that_fits(self) -> None:
+        db = self.open_db(on_corrupt="quarantine")
+        user = "z" * 250
+        with open(self.path(user), "wb") as file:
+            file.write(b"")
+        with self.assertLogs("jason", "WARNING"):
+            await db.load_user_data(user)
+        (moved,) = [n for n in os.listdir(self.folder) if jason.QUARANTINE_MARK in n]
+        self.assertLessEqual(len(moved), 255)
+
+    def test_an_unknown_policy_is_refused(self) -> None:
+        with tempfile.TemporaryDirectory() as folder, self.assertRaises(ValueError):
+            JASON(folder, on_corrupt="ignore")  # type: ignore[arg-type]
+
+
+class HostileFolderTest(FolderMixin):
+    async def test_stray_files_never_crash_listing_or_loading(self) -> None:
+        await self.db.save_user_data("real", RECORD)
+        outside = os.path.join(self._tmp.name, "outside.json")
+        with open(outside, "w", encoding="utf-8") as file:
+            file.write('{"secret": 1}')
+        os.symlink(outside, self.path("link"))
+        os.symlink(os.path.join(self._tmp.name, "nowhere"), self.path("dangling"))
+        os.mkdir(self.path("dir"))
+        os.mkdir(os.path.join(self.folder, "sub"))
+        if hasattr(os, "mkfifo"):
+            os.mkfifo(self.path("fifo"))
+        for name in ("notes.txt", ".DS_Store", "%zz.json", "UPPER.json", "a.b.json"):
+            with open(os.path.join(self.folder, name), "w", encoding="utf-8") as file:
+                file.write("{}")
+        self.assertEqual(await self.db.user_ids(), ["real"])
+        for user in ("link", "dangling", "dir", "fifo"):
+            with self.subTest(user=user):
+                if user == "dangling":  # the link itself is what is there, and it is not followed
+                    with self.assertRaises(CorruptDataError):
+                        await self.db.load_user_data(user)
+                elif user == "fifo" and not hasattr(os, "mkfifo"):
+                    continue
+                else:
+                    with self.assertRaises(CorruptDataError):
+                        await asyncio.wait_for(self.db.load_user_data(user), 10)
+        self.assertEqual(await self.db.load_user_data("real"), RECORD)
+        self.assertEqual(read_bytes(outside), b'{"secret": 1}')
+
+
+class BadInputSweepTest(FolderMixin):
+    """Hostile data: each value either round-trips exactly or raises a clear error that changes nothing."""
+
+    async def test_hostile_data_round_trips_or_fails_cleanly(self) -> None:
+        deep_ok: dict[str, object] = {}
+        node = deep_ok
+        for _ in range(jason.MAX_DEPTH - 1):
+            node["d"] = {}
+            node = node["d"]  # type: ignore[assignment]
+        cases: list[tuple[str, object, type[Exception] | None]] = [
+            ("10 MB string", {"s": "ü" * 5_000_000}, None),
+            ("100k keys", {f"key{i}": i for i in range(100_000)}, None),
+            ("deep at the limit", deep_ok, None),
+            ("deep past the limit", {"x": deep_ok}, ValueError),
+            ("deep as a list", {"l": [[[[[[[[[[[]]]]]]]]]]]}, None),
+            ("edge ints", {"i": [2**64 - 1, -(2**63), 0]}, None),
+            ("int past 64 bits", {"i": 2**64}, ValueError),
+            ("int key", {1: "x"}, TypeError),
+            ("bool key", {True: "x"}, TypeError),
+            ("tuple key", {(1, 2): "x"}, TypeError),
+            ("NaN", {"n": float("nan")}, ValueError),
+            ("-inf in a list", {"n": [1.0, float("-inf")]}, ValueError),
+            ("lone surrogate value", {"s": "ok\udfff"}, ValueError),
+            ("lone surrogate key", {"\udfff": 1}, ValueError),
+            ("surrogate pair text", {"s": "😀"}, None),
+            ("control characters", {"s": "\x00\x01\x1f\x7f\u2028\u2029"}, None),
+            ("a tuple", {"t": (1, 2)}, TypeError),
+            ("bytes", {"b": b"\x00"}, TypeError),
+            ("a set", {"s": set()}, TypeError),
+            ("a function", {"f": print}, TypeError),
+            ("a list, not a dict", [1, 2], TypeError),
+            ("None, not a dict", None, TypeError),
+        ]
+        await self.db.save_user_data("u", RECORD)
+        before_disk, before_cache = read_bytes(self.path("u")), self.db._cache.get("u")
+        for label, data, error in cases:
+            with self.subTest(label):
+                if error is None:
+                    await self.db.save_user_data("ok", data)  # type: ignore[arg-type]
+                    self.assertEqual(await self.db.load_user_data("ok"), {**DEFAULT, **data})  # type: ignore[dict-item]
+                    self.assertEqual(await self.open_db(default_structure={}).load_user_data("ok"), data)
+                else:
+                    with self.assertRaises(error):
+                        await self.db.save_user_data("u", data)  # type: ignore[arg-type]
+                    self.assertEqual(read_bytes(self.path("u")), before_disk)
+                    self.assertEqual(self.db._cache.get("u"), before_cache)
+        self.assertEqual(temp_files(self.folder), [])
+
+    async def test_hostile_ids_never_leave_the_folder(self) -> None:
+        outside = set(os.listdir(self._tmp.name))
+        for index, user_id in enumerate(HOSTILE_IDS):
+            await self.db.save_user_data(user_id, {"index": index})
+            self.assertEqual((await self.db.load_user_data(user_id))["index"], index)
+            self.assertTrue(await self.db.delete_user_data(user_id))
+        self.assertEqual(set(os.listdir(self._tmp.name)), outside)
+        self.assertEqual(os.listdir(self.folder), [jason.LOCK_FILE_NAME])
 
 
 # ---------------------------------------------------------------- cache
