@@ -14,6 +14,8 @@ import logging
 import os
 import pickle
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1092,6 +1094,272 @@ class ForkTest(unittest.TestCase):
             self.assertIn("DatabaseLockedError", result.stderr, "the child's exit released the parent's lock")
             self.assertEqual(asyncio.run(db.load_user_data(1)), {"parent": 2})
             asyncio.run(db.close())
+
+
+# ---------------------------------------------------------------- durability: syscalls and power cuts
+
+TRACED_SAVE = """
+import asyncio, secrets, sys, jason
+folder, durable = sys.argv[1], sys.argv[2] == "durable"
+secrets.token_hex = lambda nbytes=None: "0" * 16  # a known temp name, so strace -P selects this save alone
+db = jason.JASON(folder, durable=durable)
+try:
+    asyncio.run(db.save_user_data(1, {"version": "new"}))
+except OSError as exc:
+    print("error", exc.errno)
+    sys.exit(3)
+print("done")
+"""
+TRACED_TEMP_NAME = jason.TEMP_PREFIX + "0" * 16
+OLD_RECORD = b'{"version":"old"}'
+NEW_RECORD = b'{"version":"new"}'
+RENAME_CALLS = ("rename", "renameat", "renameat2")
+
+
+def strace_works() -> bool:
+    if not sys.platform.startswith("linux") or shutil.which("strace") is None:
+        return False
+    probe = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "true"], capture_output=True, timeout=30)
+    return probe.returncode == 0  # ptrace may be forbidden in a container
+
+
+@unittest.skipUnless(strace_works(), "needs Linux with a working strace (apt-get install strace)")
+class SyscallTest(unittest.TestCase):
+    """Trace and break real saves with strace, selecting only the save's own syscalls (-P)."""
+
+    def setUp(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="jason-strace-")
+        self.folder = os.path.join(self._tmp.name, "users")
+        os.mkdir(self.folder)
+        self.record = os.path.join(self.folder, "1.json")
+        self.reset()
+
+    def tearDown(self) -> None:
+        self._tmp.cleanup()
+
+    def reset(self) -> None:
+        for name in os.listdir(self.folder):
+            if name != jason.LOCK_FILE_NAME:
+                os.unlink(os.path.join(self.folder, name))
+        with open(self.record, "wb") as file:
+            file.write(OLD_RECORD)
+
+    def traced_save(self, *strace_options: str, durable: bool = True) -> subprocess.CompletedProcess[str]:
+        paths = [os.path.join(self.folder, TRACED_TEMP_NAME), self.folder, self.record]
+        command = ["strace", "-f", "-qq", "-y", *strace_options]
+        for path in paths:
+            command += ["-P", path]
+        command += [sys.executable, "-c", TRACED_SAVE, self.folder, "durable" if durable else "fast"]
+        env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        return subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT, env=env)
+
+    def save_steps(self, durable: bool) -> list[str]:
+        """The save's syscalls in order, named by what they touched; repeated writes fold into one."""
+        trace_path = os.path.join(self._tmp.name, "trace.txt")
+        calls = "openat,open,write,pwrite64,fsync,fdatasync," + ",".join(RENAME_CALLS)
+        result = self.traced_save("-o", trace_path, "-e", f"trace={calls}", durable=durable)
+        self.assertEqual(result.stdout.strip(), "done", result.stderr)
+        steps: list[str] = []
+        with open(trace_path, encoding="utf-8") as trace:
+            for line in trace:
+                match = re.match(r"\s*\d+\s+(\w+)\((.*)\)\s+=", line)
+                if not match:
+                    continue
+                call, args = match.groups()  # with -y, a descriptor shows its path: 7</x/1.json>
+                if call in RENAME_CALLS:
+                    step = "rename temp -> record" if TRACED_TEMP_NAME in args and self.record in args else call
+                else:
+                    target = "temp" if TRACED_TEMP_NAME in args else "record" if self.record in args else "folder"
+                    step = f"{call.replace('openat', 'open')} {target}"
+                if step == "open temp":
+                    self.assertIn("O_EXCL", args)
+                if not steps or steps[-1] != step:
+                    steps.append(step)
+        return steps
+
+    def test_a_durable_save_writes_fsyncs_renames_then_fsyncs_the_folder(self) -> None:
+        self.assertEqual(self.save_steps(durable=True), [
+            "open temp", "write temp", "fsync temp", "rename temp -> record", "open folder", "fsync folder",
+        ])
+        with open(self.record, "rb") as file:
+            self.assertEqual(file.read(), NEW_RECORD)
+
+    def test_a_fast_save_skips_both_fsyncs(self) -> None:
+        self.assertEqual(self.save_steps(durable=False), ["open temp", "write temp", "rename temp -> record"])
+
+    def test_crash_or_fail_at_every_step_leaves_old_or_new(self) -> None:
+        """SQLite's method: move the crash point forward one syscall at a time until the save completes."""
+        rename = next(call for call in RENAME_CALLS if self.uses_syscall(call))
+        for syscall in ("openat", "write", "fsync", rename):
+            for action in ("signal=KILL", "error=EIO"):
+                hits = 0
+                for when in range(1, 20):
+                    with self.subTest(syscall=syscall, action=action, when=when):
+                        self.reset()
+                        result = self.traced_save(
+                            "-o", os.devnull, "-e", f"trace={syscall}", "-e", f"inject={syscall}:{action}:when={when}",
+                        )
+                        with open(self.record, "rb") as file:
+                            on_disk = file.read()
+                        self.assertIn(on_disk, (OLD_RECORD, NEW_RECORD))
+                        reopened = JASON(self.folder, readonly=True)
+                        self.assertEqual(asyncio.run(reopened.user_ids()), ["1"])
+                        if result.stdout.strip() == "done":
+                            self.assertEqual(on_disk, NEW_RECORD)
+                            break
+                        hits += 1
+                        if action == "signal=KILL":
+                            self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
+                            asyncio.run(JASON(self.folder).close())  # the lock died with the process
+                        else:
+                            self.assertEqual(result.stdout.split(), ["error", str(errno.EIO)], result.stderr)
+                            self.assertEqual(temp_files(self.folder), [])
+                else:
+                    self.fail(f"{syscall} {action}: the save never completed")
+                self.assertGreater(hits, 0, f"{syscall} {action}: no injection landed in the save")
+
+    def uses_syscall(self, call: str) -> bool:
+        self.reset()
+        trace_path = os.path.join(self._tmp.name, "probe.txt")
+        self.traced_save("-o", trace_path, "-e", f"trace={call}")
+        with open(trace_path, encoding="utf-8") as trace:
+            return any(re.match(rf"\s*\d+\s+{call}\(", line) for line in trace)
+
+
+class PowerCutModel:
+    """What a power cut would leave of a folder, the way LevelDB's fault-injection env tracks it.
+
+    It wraps os.open/write/fsync/replace/unlink/close and records, per file,
+    the bytes written and the bytes last fsynced, and, for the folder, its
+    entries now and as of its last fsync. image() is the folder after a power
+    cut: only the entries of the last folder fsync, each file cut back to its
+    last fsynced bytes.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._real = {name: getattr(os, name) for name in ("open", "write", "fsync", "replace", "unlink", "close")}
+        self._files: dict[int, dict[str, bytes]] = {}  # id -> {"written", "synced"}
+        self._open_fds: dict[int, int | str] = {}  # fd -> file id, or "folder"
+        self.entries: dict[str, int] = {}
+        for name in os.listdir(folder):
+            if name.endswith(".json"):  # what is there at the start is durable
+                content = read_bytes(os.path.join(folder, name))
+                self.entries[name] = self._new_file(content)
+        self.synced_entries = dict(self.entries)
+
+    def _new_file(self, content: bytes = b"") -> int:
+        file_id = len(self._files)
+        self._files[file_id] = {"written": content, "synced": content}
+        return file_id
+
+    def _open(self, path: str, flags: int, *args: object, **kwargs: object) -> int:
+        fd: int = self._real["open"](path, flags, *args, **kwargs)
+        with self._lock:
+            if os.path.abspath(path) == self.folder:
+                self._open_fds[fd] = "folder"
+            elif os.path.dirname(os.path.abspath(path)) == self.folder and flags & os.O_CREAT:
+                file_id = self._new_file()
+                self.entries[os.path.basename(path)] = file_id
+                self._open_fds[fd] = file_id
+        return fd
+
+    def _write(self, fd: int, data: bytes) -> int:
+        written: int = self._real["write"](fd, data)
+        with self._lock:
+            file_id = self._open_fds.get(fd)
+            if isinstance(file_id, int):
+                self._files[file_id]["written"] += bytes(data[:written])
+        return written
+
+    def _fsync(self, fd: int) -> None:
+        self._real["fsync"](fd)
+        with self._lock:
+            target = self._open_fds.get(fd)
+            if target == "folder":
+                self.synced_entries = dict(self.entries)
+            elif isinstance(target, int):
+                self._files[target]["synced"] = self._files[target]["written"]
+
+    def _replace(self, source: str, target: str) -> None:
+        self._real["replace"](source, target)
+        with self._lock:
+            self.entries[os.path.basename(target)] = self.entries.pop(os.path.basename(source))
+
+    def _unlink(self, path: str) -> None:
+        self._real["unlink"](path)
+        with self._lock:
+            self.entries.pop(os.path.basename(path), None)
+
+    def _close(self, fd: int) -> None:
+        self._real["close"](fd)
+        with self._lock:
+            self._open_fds.pop(fd, None)
+
+    def image(self) -> dict[str, bytes]:
+        with self._lock:
+            return {name: self._files[file_id]["synced"] for name, file_id in self.synced_entries.items()
+                    if name.endswith(".json")}
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[PowerCutModel]:
+        with contextlib.ExitStack() as stack:
+            for name in self._real:
+                stack.enter_context(mock.patch(f"os.{name}", getattr(self, f"_{name}")))
+            yield self
+
+
+class PowerCutTest(FolderMixin):
+    async def run_saves(self, durable: bool) -> tuple[list[dict[str, bytes]], dict[str, list[bytes]], list[dict]]:
+        """Save versions of 4 users; take a power-cut image after every returned save and inside every save."""
+        for user in range(4):
+            await self.db.save_user_data(user, {"user": user, "v": -1})
+        db = self.open_db(durable=durable, default_structure={})
+        model = PowerCutModel(self.folder)
+        images_after, images_during, returned = [], [], {}
+        versions: dict[str, list[bytes]] = {jason._file_name(str(u)): [] for u in range(4)}
+        real_replace = model._replace
+
+        def replace_with_a_cut_first(source: str, target: str) -> None:
+            images_during.append(model.image())
+            real_replace(source, target)
+
+        model._replace = replace_with_a_cut_first  # type: ignore[method-assign]
+        for user in range(4):
+            versions[jason._file_name(str(user))].append(read_bytes(self.path(user)))
+        with model.installed():
+            for v in range(12):
+                batch = [(v * 7 + k) % 4 for k in range(2)]
+                for user in batch:
+                    versions[jason._file_name(str(user))].append(
+                        jason._dumps({"user": user, "v": v}))
+                await asyncio.gather(*(db.save_user_data(user, {"user": user, "v": v}) for user in batch))
+                for user in batch:
+                    returned[jason._file_name(str(user))] = jason._dumps({"user": user, "v": v})
+                images_after.append({"image": model.image(), "returned": dict(returned)})
+        return images_during, versions, images_after
+
+    async def test_durable_saves_that_returned_survive_a_power_cut(self) -> None:
+        images_during, versions, images_after = await self.run_saves(durable=True)
+        for cut in images_after:
+            for name, content in cut["returned"].items():
+                self.assertEqual(cut["image"].get(name), content, f"{name} lost a save that had returned")
+        for image in images_during:
+            self.assert_old_or_new(image, versions)
+
+    async def test_fast_saves_stay_whole_and_the_model_sees_what_they_risk(self) -> None:
+        images_during, versions, images_after = await self.run_saves(durable=False)
+        for image in images_during + [cut["image"] for cut in images_after]:
+            self.assert_old_or_new(image, versions)
+        last = images_after[-1]
+        lost = [name for name, content in last["returned"].items() if last["image"].get(name) != content]
+        self.assertTrue(lost, "without fsync a power cut loses returned saves; a model that never sees it is blind")
+
+    def assert_old_or_new(self, image: dict[str, bytes], versions: dict[str, list[bytes]]) -> None:
+        for name, content in image.items():
+            self.assertIn(content, versions[name], f"{name} holds bytes no save wrote")
+            json.loads(content)
 
 
 # ---------------------------------------------------------------- serialisation parity
