@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -950,6 +951,30 @@ class ConcurrencyTest(FolderMixin):
         result = run_child(f"import jason; jason.JASON({self.folder!r})")
         self.assertIn("DatabaseLockedError", result.stderr)
         await other.save_user_data(1, {"still": "writing"})
+
+
+class LifecycleTest(FolderMixin):
+    async def test_memory_follows_the_cache_not_the_users_ever_seen(self) -> None:
+        asyncio.get_running_loop().set_debug(False)  # debug mode logs every slow step: too slow for 100,000
+        db = self.open_db(cache_size=1000, durable=False)
+
+        async def touch(first: int, count: int) -> None:
+            for start in range(first, first + count, 1000):
+                users = range(start, start + 1000)
+                await asyncio.gather(*(db.load_user_data(u) for u in users))
+                await asyncio.gather(*(db.user_exists(u) for u in users[:10]))
+                await asyncio.gather(*(db.save_user_data(u, {"u": u}) for u in users[:5]))
+
+        await touch(0, 5_000)
+        gc.collect()
+        blocks_after_few = sys.getallocatedblocks()
+        await touch(5_000, 95_000)
+        gc.collect()
+        blocks_after_many = sys.getallocatedblocks()
+        self.assertEqual(len(db._locks), 0)
+        self.assertLessEqual(len(db._cache), 1000)
+        # Anything kept per user (a lock, a key, a cache entry) would add 95,000 blocks or more.
+        self.assertLess(blocks_after_many - blocks_after_few, 10_000)
 
 
 # ---------------------------------------------------------------- processes
