@@ -27,7 +27,7 @@ import types
 import unicodedata
 import unittest
 from collections.abc import Iterator
-from typing import Callable
+from typing import Callable, ClassVar
 from unittest import mock
 
 import jason
@@ -72,9 +72,9 @@ def read_bytes(path: str) -> bytes:
 
 STORM_WRITER = """
 import asyncio, random, sys, jason
-folder, log_path = sys.argv[1], sys.argv[2]
+folder, log_path, durable = sys.argv[1], sys.argv[2], sys.argv[3] == "durable"
 async def main():
-    db = jason.JASON(folder)
+    db = jason.JASON(folder, durable=durable)
     log = open(log_path, "a", buffering=1)
     async def writer(worker):
         rng = random.Random(worker)
@@ -91,10 +91,11 @@ def storm_pad(n: int) -> str:
     return "x" * (n % 3001)
 
 
-def start_storm_writer(folder: str, log_path: str) -> subprocess.Popen[bytes]:
+def start_storm_writer(folder: str, log_path: str, durable: bool = True) -> subprocess.Popen[bytes]:
     """A child that saves 20 users (two of them hot) from 4 coroutines, as fast as it can."""
     env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-c", STORM_WRITER, folder, log_path], env=env)
+    mode = "durable" if durable else "fast"
+    return subprocess.Popen([sys.executable, "-c", STORM_WRITER, folder, log_path, mode], env=env)
 
 
 class FolderMixin(unittest.IsolatedAsyncioTestCase):
@@ -398,7 +399,7 @@ class FaultInjectionTest(FolderMixin):
     """Each I/O step of a save, and the read of a load, fails in turn with a real OSError."""
 
     # step -> (os function, which calls fail, is the new record in place after the failure)
-    SAVE_STEPS = {
+    SAVE_STEPS: ClassVar[dict[str, tuple[str, Callable[[tuple[object, ...]], bool], bool]]] = {
         "open temp file": ("open", lambda args: os.path.basename(args[0]).startswith(jason.TEMP_PREFIX), False),
         "write": ("write", lambda args: True, False),
         "fsync file": ("fsync", lambda args: not _is_dir_fd(args[0]), False),
@@ -1030,14 +1031,14 @@ class ProcessesTest(FolderMixin):
         await reopened.save_user_data(1, {"after": "kill"})
 
     async def test_kill_loop_every_record_is_a_version_the_child_wrote(self) -> None:
-        """SIGKILL a busy writer JASON_KILLS times (20 by default; CI runs 200)."""
+        """SIGKILL a busy writer JASON_KILLS times (20 by default; CI runs 200), durable and fast in turn."""
         await self.db.close()
         log_path = os.path.join(self._tmp.name, "intent.log")
         rng = random.Random(int(os.environ.get("JASON_KILL_SEED", "2026")))
         kills = int(os.environ.get("JASON_KILLS", "20"))
         for round_number in range(kills):
             size_before = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-            child = start_storm_writer(self.folder, log_path)
+            child = start_storm_writer(self.folder, log_path, durable=round_number % 2 == 0)
             while not os.path.exists(log_path) or os.path.getsize(log_path) == size_before:
                 self.assertIsNone(child.poll(), "the writer died by itself")
                 await asyncio.sleep(0.005)  # until it is saving
