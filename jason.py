@@ -53,7 +53,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Final, Literal, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterator
 
 # ---------------------------------------------------------------- optional back-ends
 
@@ -1043,26 +1043,350 @@ def _run_selftest() -> int:
     return 0
 
 
+class _CommandError(Exception):
+    """A command's failure, reported as one line on stderr with exit status 1."""
+
+
+def _open_folder(folder: str, *, write: bool = False, create: bool = False) -> JASON:
+    """Open folder for a command; a missing folder is an error unless create is set."""
+    if not create and not os.path.isdir(os.path.expanduser(folder)):
+        raise _CommandError(f"no JASON folder at {folder}")
+    return JASON(folder, readonly=not write)
+
+
+def _command_key(text: str) -> str:
+    key = _user_key(text)
+    _file_name(key)  # an id too long for a file name fails here, before anything is read
+    return key
+
+
+def _shown_id(key: str) -> str:
+    """An id as one line of output: as it is, or as a JSON string when it holds a line break or the like."""
+    return key if key.isprintable() else json.dumps(key)
+
+
+def _read_stored_record(folder: str, key: str) -> dict[str, Any] | None:
+    """A record as it is on disk, defaults not merged; None when there is none."""
+    path = os.path.join(folder, _file_name(key))
+    raw = _read_record_sync(path)
+    return None if raw is None else _parse_record(raw, path)
+
+
+def _json_error_position(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):  # orjson's error is a subclass
+        return f"line {exc.lineno} column {exc.colno}: {exc.msg}"
+    return str(exc)
+
+
+def _cmd_ls(args: Any) -> int:
+    db = _open_folder(args.folder)
+    keys = _list_user_keys_sync(db.folder)
+    if args.count:
+        print(len(keys))
+    else:
+        for key in keys:
+            print(_shown_id(key))
+    return 0
+
+
+def _cmd_get(args: Any) -> int:
+    key = _command_key(args.user_id)
+    db = _open_folder(args.folder)
+    data = _read_stored_record(db.folder, key)
+    if data is None:
+        raise _CommandError(f"no user {_shown_id(key)} in {db.folder}")
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_set(args: Any) -> int:
+    key = _command_key(args.user_id)
+    try:
+        data = _loads(sys.stdin.buffer.read())
+    except ValueError as exc:
+        raise _CommandError(f"stdin is not valid JSON: {_json_error_position(exc)}") from None
+    if not isinstance(data, dict):
+        raise _CommandError(f"stdin holds a JSON {type(data).__name__}; a record must be a JSON object")
+    db = _open_folder(args.folder, write=True)
+    asyncio.run(_save_then_close(db, [(key, data)]))
+    return 0
+
+
+async def _save_then_close(db: JASON, records: list[tuple[str, dict[str, Any]]]) -> None:
+    """Save records, up to 64 at a time so their fsyncs overlap, then close db."""
+    async with db:
+        limit = asyncio.Semaphore(64)
+
+        async def save(key: str, data: dict[str, Any]) -> None:
+            async with limit:
+                await db.save_user_data(key, data)
+
+        await asyncio.gather(*(save(key, data) for key, data in records))
+
+
+def _cmd_rm(args: Any) -> int:
+    key = _command_key(args.user_id)
+    db = _open_folder(args.folder, write=True)
+
+    async def delete() -> bool:
+        async with db:
+            return await db.delete_user_data(key)
+
+    if not asyncio.run(delete()):
+        raise _CommandError(f"no user {_shown_id(key)} in {db.folder}")
+    return 0
+
+
+def _classify_entries_sync(folder: str) -> tuple[int, list[tuple[str, str, str]]]:
+    """Scan folder: the number of sound records, and (kind, path, detail) for everything else."""
+    sound = 0
+    problems = []
+    with os.scandir(folder) as entries:
+        names = sorted(entry.name for entry in entries)
+    for name in names:
+        path = os.path.join(folder, name)
+        key = _user_key_from_file_name(name)
+        if name == LOCK_FILE_NAME:
+            continue
+        if name.startswith(TEMP_PREFIX):
+            problems.append(("temp", path, "left by an interrupted save"))
+        elif QUARANTINE_MARK in name:
+            problems.append(("quarantined", path, "a corrupt record moved aside"))
+        elif key is not None:
+            try:
+                _read_stored_record(folder, key)
+                sound += 1
+            except CorruptDataError as exc:
+                problems.append(("corrupt", path, exc.reason))
+        elif name.endswith(RECORD_SUFFIX):
+            problems.append(("bad-name", path, "not the file name of any user id"))
+        else:
+            problems.append(("stray", path, "not a JASON file"))
+    return sound, problems
+
+
+def _cmd_check(args: Any) -> int:
+    db = _open_folder(args.folder, write=args.fix_temp)
+    sound, problems = _classify_entries_sync(db.folder)
+    if args.fix_temp:  # under the writer lock, so no save of this folder is using one
+        for kind, path, _ in problems:
+            if kind == "temp":
+                os.unlink(path)
+                print(f"removed: {path}")
+        problems = [problem for problem in problems if problem[0] != "temp"]
+    for kind, path, detail in problems:
+        print(f"{kind}: {path}: {detail}")
+    counts = {kind: sum(1 for problem in problems if problem[0] == kind)
+              for kind in ("corrupt", "temp", "quarantined", "bad-name", "stray")}
+    print(f"{sound} sound records; " + ", ".join(f"{count} {kind}" for kind, count in counts.items()))
+    return 1 if problems else 0
+
+
+class _Progress:
+    """A counter on stderr, shown only on a terminal and only for large folders."""
+
+    def __init__(self, verb: str, total: int) -> None:
+        self.verb = verb
+        self.total = total
+        self.shown = total >= 1000 and sys.stderr.isatty()
+
+    def update(self, done: int) -> None:
+        if self.shown and (done % 500 == 0 or done == self.total):
+            sys.stderr.write(f"\r{self.verb} {done} of {self.total} users")
+            sys.stderr.flush()
+
+    def finish(self, where: str) -> None:
+        sys.stderr.write(f"{chr(13) if self.shown else ''}{self.verb} {self.total} users {where}\n")
+
+
+def _exported_records(folder: str, keys: list[str], progress: _Progress) -> Iterator[tuple[str, dict[str, Any]]]:
+    for done, key in enumerate(keys, 1):
+        data = _read_stored_record(folder, key)
+        if data is not None:  # deleted since the listing
+            yield key, data
+        progress.update(done)
+
+
+def _write_jsonl(out: Any, records: Iterator[tuple[str, dict[str, Any]]]) -> None:
+    for key, data in records:
+        try:
+            out.write(_dumps({"user_id": key, "data": data}) + b"\n")
+        except (TypeError, ValueError) as exc:  # only an id with a lone surrogate gets here
+            raise _CommandError(f"user {_shown_id(key)} cannot be exported as JSON: {exc}") from exc
+
+
+def _write_sqlite(path: str, records: Iterator[tuple[str, dict[str, Any]]]) -> None:
+    import sqlite3
+
+    connection = sqlite3.connect(path)
+    try:
+        with connection:
+            connection.execute("CREATE TABLE users (user_id TEXT PRIMARY KEY, data TEXT NOT NULL)")
+            connection.executemany(
+                "INSERT INTO users (user_id, data) VALUES (?, ?)",
+                ((key, _dumps(data).decode("utf-8")) for key, data in records),
+            )
+    finally:
+        connection.close()
+
+
+def _cmd_export(args: Any) -> int:
+    db = _open_folder(args.folder)
+    keys = _list_user_keys_sync(db.folder)
+    progress = _Progress("exported", len(keys))
+    records = _exported_records(db.folder, keys, progress)
+    if args.out == "-":
+        if args.format == "sqlite":
+            raise _CommandError("a SQLite export needs a file name, not -")
+        _write_jsonl(sys.stdout.buffer, records)
+        sys.stdout.flush()
+        progress.finish("to stdout")
+        return 0
+    # Write beside OUT and rename at the end, so a failed export never leaves half a file as OUT.
+    out = os.path.abspath(args.out)
+    temp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{secrets.token_hex(4)}.partial")
+    try:
+        if args.format == "jsonl":
+            with open(temp, "xb") as file:
+                _write_jsonl(file, records)
+        else:
+            _write_sqlite(temp, records)
+        os.replace(temp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+    progress.finish(f"to {out}")
+    return 0
+
+
+def _read_import_file(source: Any, name: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every (key, data) of a JSONL export, all checked before anything is written."""
+    records: list[tuple[str, dict[str, Any]]] = []
+    first_line: dict[str, int] = {}
+    for line_number, line in enumerate(source, 1):
+        if not line.strip():
+            continue
+        where = f"{name} line {line_number}"
+        try:
+            document = _loads(line)
+        except ValueError as exc:
+            raise _CommandError(f"{where}: not valid JSON: {_json_error_position(exc)}") from None
+        if not (isinstance(document, dict) and "user_id" in document and isinstance(document.get("data"), dict)):
+            raise _CommandError(f'{where}: expected {{"user_id": ..., "data": {{...}}}}')
+        try:
+            key = _command_key(document["user_id"])
+            _check_storable(document["data"])
+        except (TypeError, ValueError) as exc:
+            raise _CommandError(f"{where}: {exc}") from None
+        if key in first_line:
+            raise _CommandError(f"{where}: user {_shown_id(key)} is already on line {first_line[key]}")
+        first_line[key] = line_number
+        records.append((key, document["data"]))
+    return records
+
+
+def _cmd_import(args: Any) -> int:
+    if args.file == "-":
+        records = _read_import_file(sys.stdin.buffer, "stdin")
+    else:
+        with open(args.file, "rb") as file:
+            records = _read_import_file(file, args.file)
+    db = _open_folder(args.folder, write=True, create=True)
+    if not args.overwrite:
+        existing = set(_list_user_keys_sync(db.folder))
+        clashes = [key for key, _ in records if key in existing]
+        if clashes:
+            asyncio.run(db.close())
+            shown = ", ".join(_shown_id(key) for key in clashes[:5]) + (", ..." if len(clashes) > 5 else "")
+            raise _CommandError(
+                f"{len(clashes)} users already exist ({shown}); nothing was imported. "
+                "Use --overwrite to replace them"
+            )
+    asyncio.run(_save_then_close(db, records))
+    print(f"imported {len(records)} users into {db.folder}", file=sys.stderr)
+    return 0
+
+
+def _cmd_stats(args: Any) -> int:
+    db = _open_folder(args.folder)
+    keys = _list_user_keys_sync(db.folder)
+    sizes = {key: os.lstat(os.path.join(db.folder, _file_name(key))).st_size for key in keys}
+    with os.scandir(db.folder) as entries:
+        folder_bytes = sum(entry.stat(follow_symlinks=False).st_size for entry in entries)
+    print(f"users: {len(keys)}")
+    print(f"records: {sum(sizes.values())} bytes")
+    if sizes:
+        largest = max(sizes, key=lambda key: sizes[key])
+        print(f"largest: {sizes[largest]} bytes (user {_shown_id(largest)})")
+    print(f"folder: {folder_bytes} bytes")
+    return 0
+
+
 def _build_parser() -> Any:
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="jason",
-        description="JASON: a per-user JSON file database for chatbots.",
+        description="JASON: a per-user JSON file database for chatbots. "
+        "Read-only commands work while a bot runs; writing ones need the bot stopped.",
     )
     parser.add_argument("--version", action="version", version=f"jason {__version__}")
     parser.add_argument("--selftest", action="store_true", help="run the built-in self-check and exit")
+    parser.add_argument("folder", nargs="?", metavar="DB_FOLDER", help="the database folder")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ls = commands.add_parser("ls", help="list the user ids, one per line")
+    ls.add_argument("--count", action="store_true", help="print only how many users there are")
+    ls.set_defaults(handler=_cmd_ls)
+    get = commands.add_parser("get", help="print a user's record as stored (defaults not merged)")
+    get.add_argument("user_id", metavar="ID")
+    get.set_defaults(handler=_cmd_get)
+    set_ = commands.add_parser("set", help="replace a user's record with the JSON object on stdin")
+    set_.add_argument("user_id", metavar="ID")
+    set_.set_defaults(handler=_cmd_set)
+    rm = commands.add_parser("rm", help="delete a user's record")
+    rm.add_argument("user_id", metavar="ID")
+    rm.set_defaults(handler=_cmd_rm)
+    check = commands.add_parser("check", help="report corrupt records, temp, quarantined and stray files")
+    check.add_argument("--fix-temp", action="store_true", help="remove leftover temp files (needs the bot stopped)")
+    check.set_defaults(handler=_cmd_check)
+    export = commands.add_parser("export", help="write every user to a JSONL or SQLite file")
+    export.add_argument("--format", choices=("jsonl", "sqlite"), default="jsonl")
+    export.add_argument("out", metavar="OUT", help="the file to write; - for stdout (JSONL only)")
+    export.set_defaults(handler=_cmd_export)
+    import_ = commands.add_parser("import", help="load a JSONL export into the folder")
+    import_.add_argument("file", metavar="FILE", help="the JSONL file; - for stdin")
+    import_.add_argument("--overwrite", action="store_true", help="replace users that already exist")
+    import_.set_defaults(handler=_cmd_import)
+    stats = commands.add_parser("stats", help="number of users, record sizes and folder size")
+    stats.set_defaults(handler=_cmd_stats)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point: exit 0 on success, 1 on failure, 2 on a usage error."""
+    import sqlite3
+
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.selftest:
         return _run_selftest()
-    parser.print_help(sys.stderr)
-    return 2
+    if args.command is None or args.folder is None:
+        parser.print_usage(sys.stderr)
+        print("jason: error: give a folder and a command, or --selftest", file=sys.stderr)
+        return 2
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    try:
+        status: int = args.handler(args)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:  # `jason DIR ls | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (_CommandError, JasonError, OSError, ValueError, sqlite3.Error) as exc:
+        print(f"jason: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import os
 import pickle
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1480,29 +1481,232 @@ class OrjsonParityTest(ParityChecks, unittest.TestCase):
 # ---------------------------------------------------------------- command line
 
 
+def run_cli(*args: str, stdin: str | bytes | None = None, blocked: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run `python jason.py ARGS` in a child, as a user would; blocked hides orjson and aiofiles."""
+    block = "import sys; sys.modules['orjson'] = None; sys.modules['aiofiles'] = None; " if blocked else ""
+    code = block + "import sys, jason; sys.exit(jason.main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    result = subprocess.run([sys.executable, "-c", code, *args], input=data, capture_output=True,
+                            timeout=CHILD_TIMEOUT, env=env, check=False)
+    return subprocess.CompletedProcess(result.args, result.returncode,
+                                       result.stdout.decode("utf-8", "backslashreplace"),
+                                       result.stderr.decode("utf-8", "backslashreplace"))
+
+
+ODD_IDS = ["Zoë", "Привет", "a.b", "../up", "new\nline", "CON", "x y", "😀", "-100123", "%41"]
+
+
 class CLITest(unittest.TestCase):
-    def run_cli(self, *args: str, blocked: bool = False) -> subprocess.CompletedProcess[str]:
-        block = "import sys; sys.modules['orjson'] = None; sys.modules['aiofiles'] = None; "
-        prefix = block if blocked else ""
-        code = prefix + "import sys, jason; sys.exit(jason.main(sys.argv[1:]))"
-        return run_child(code, *args)
+    """The command line on a real folder of 10,000 users."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls._tmp = tempfile.TemporaryDirectory(prefix="jason-cli-")
+        cls.folder = os.path.join(cls._tmp.name, "users")
+        cls.expected = {str(u): {"n": u, "name": f"user {u} ✓", "tags": ["a", "é"]} for u in range(9990)}
+        cls.expected.update({key: {"odd": key, "text": "non-ASCII: ÿ 😀"} for key in ODD_IDS})
+
+        async def fill() -> None:
+            await jason._save_then_close(JASON(cls.folder, durable=False), list(cls.expected.items()))
+
+        asyncio.run(fill())
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls._tmp.cleanup()
+
+    def scratch(self) -> str:
+        folder = tempfile.mkdtemp(dir=self._tmp.name)
+        return os.path.join(folder, "db")
+
+    def assert_fails(self, result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
+        self.assertEqual(result.returncode, code, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1 if code == 1 else 2, result.stderr)
+        for fragment in fragments:
+            self.assertIn(fragment, result.stderr)
 
     def test_version_matches_the_module(self) -> None:
-        result = self.run_cli("--version")
+        result = run_cli("--version")
         self.assertEqual((result.returncode, result.stdout.strip()), (0, f"jason {jason.__version__}"))
 
     def test_selftest_passes_with_the_installed_back_ends(self) -> None:
-        result = self.run_cli("--selftest")
+        result = run_cli("--selftest")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("selftest passed", result.stdout)
 
     def test_selftest_passes_on_the_standard_library_alone(self) -> None:
-        result = self.run_cli("--selftest", blocked=True)
+        result = run_cli("--selftest", blocked=True)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("orjson off, aiofiles off", result.stdout)
 
     def test_no_command_is_a_usage_error(self) -> None:
-        self.assertEqual(self.run_cli().returncode, 2)
+        self.assert_fails(run_cli(), 2, "give a folder and a command")
+        self.assertEqual(run_cli(self.folder, "frobnicate").returncode, 2)
+
+    def test_ls_lists_every_user_one_per_line(self) -> None:
+        result = run_cli(self.folder, "ls")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.splitlines()
+        self.assertEqual(len(lines), 10_000)
+        self.assertIn('"new\\nline"', lines)  # a line break in an id is shown as a JSON string
+        self.assertEqual({json.loads(line) if line.startswith('"') else line for line in lines}, set(self.expected))
+        self.assertEqual(run_cli(self.folder, "ls", "--count").stdout, "10000\n")
+
+    def test_get_prints_the_record_as_stored(self) -> None:
+        for key in ("42", "Zoë", "../up"):
+            result = run_cli(self.folder, "get", key)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(json.loads(result.stdout), self.expected[key])  # no defaults merged in
+            self.assertIn("\n  ", result.stdout)  # pretty
+
+    def test_set_and_rm_change_one_user(self) -> None:
+        folder = self.scratch()
+        self.assertEqual(run_cli(folder, "import", "-", stdin='{"user_id": "a", "data": {}}\n').returncode, 0)
+        result = run_cli(folder, "set", "Zoë", stdin='{"balance": 5, "name": "Zoë"}')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(run_cli(folder, "get", "Zoë").stdout), {"balance": 5, "name": "Zoë"})
+        self.assertEqual(run_cli(folder, "rm", "Zoë").returncode, 0)
+        self.assert_fails(run_cli(folder, "get", "Zoë"), 1, "no user Zoë")
+        self.assert_fails(run_cli(folder, "rm", "Zoë"), 1, "no user Zoë")
+        self.assertEqual(temp_files(folder), [])
+
+    def test_every_error_is_one_clear_line(self) -> None:
+        folder = self.scratch()
+        run_cli(folder, "import", "-", stdin='{"user_id": 1, "data": {"ok": true}}\n')
+        with open(os.path.join(folder, "2.json"), "w", encoding="utf-8") as file:
+            file.write('{"a": 1,}')
+        missing = os.path.join(self._tmp.name, "missing")
+        self.assert_fails(run_cli(missing, "ls"), 1, "no JASON folder at", missing)
+        self.assert_fails(run_cli(missing, "set", "1", stdin="{}"), 1, "no JASON folder")
+        self.assertFalse(os.path.exists(missing))
+        self.assert_fails(run_cli(folder, "get", ""), 1, "invalid user id", "empty")
+        self.assert_fails(run_cli(folder, "get", "x" * 300), 1, "invalid user id", "255")
+        self.assert_fails(run_cli(folder, "get", "2"), 1, "corrupt record", "2.json", "line 1")
+        bad_json = '{"a": 1,\n "b": }'
+        self.assert_fails(run_cli(folder, "set", "1", stdin=bad_json), 1, "stdin is not valid JSON", "line 2")
+        self.assert_fails(run_cli(folder, "set", "1", stdin="[1, 2]"), 1, "must be a JSON object")
+        self.assertEqual(json.loads(run_cli(folder, "get", "1").stdout), {"ok": True})
+
+    def test_writing_commands_fail_clearly_while_a_bot_holds_the_folder(self) -> None:
+        folder = self.scratch()
+        bot = JASON(folder)
+        try:
+            asyncio.run(bot.save_user_data(1, {"kept": True}))
+            writing = [(("set", "1"), "{}"), (("rm", "1"), None), (("import", "-"), '{"user_id": 3, "data": {}}'),
+                       (("check", "--fix-temp"), None)]
+            for args, stdin in writing:
+                with self.subTest(args=args):
+                    self.assert_fails(run_cli(folder, *args, stdin=stdin), 1, "is open for writing by",
+                                      f"process {os.getpid()}")
+            self.assertEqual(run_cli(folder, "get", "1").returncode, 0)  # reading works beside the bot
+            self.assertEqual(run_cli(folder, "ls").stdout, "1\n")
+        finally:
+            asyncio.run(bot.close())
+
+    def test_check_reports_problems_and_fix_temp_removes_only_temp_files(self) -> None:
+        self.assertEqual(run_cli(self.folder, "check").returncode, 0)
+        folder = self.scratch()
+        run_cli(folder, "import", "-", stdin='{"user_id": 1, "data": {}}\n{"user_id": 2, "data": {}}\n')
+        corrupt = os.path.join(folder, "2.json")
+        with open(corrupt, "wb") as file:
+            file.write(b'{"a": [1, 2')
+        extra = {jason.TEMP_PREFIX + "00ff": b"{", "notes.txt": b"hi", "Bad.json": b"{}",
+                 "9.json" + jason.QUARANTINE_MARK + "20261130T000000Z-abcdef": b""}
+        for name, content in extra.items():
+            with open(os.path.join(folder, name), "wb") as file:
+                file.write(content)
+        result = run_cli(folder, "check")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"corrupt: {corrupt}: ", result.stdout)
+        self.assertIn("line 1", result.stdout)
+        for kind in ("temp", "stray", "bad-name", "quarantined"):
+            self.assertRegex(result.stdout, rf"(?m)^{kind}: ")
+        self.assertIn("1 sound records; 1 corrupt, 1 temp, 1 quarantined, 1 bad-name, 1 stray", result.stdout)
+        result = run_cli(folder, "check", "--fix-temp")
+        self.assertIn("removed: ", result.stdout)
+        self.assertEqual(temp_files(folder), [])
+        self.assertEqual(read_bytes(corrupt), b'{"a": [1, 2')  # check never changes a record
+        self.assertEqual(len(os.listdir(folder)), 6)  # the lock, 2 records and 3 other files
+
+    def test_jsonl_export_round_trips_every_user_exactly(self) -> None:
+        out = os.path.join(self._tmp.name, "users.jsonl")
+        result = run_cli(self.folder, "export", "--format", "jsonl", out)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("exported 10000 users", result.stderr)
+        with open(out, encoding="utf-8") as file:
+            lines = [json.loads(line) for line in file]
+        self.assertEqual({line["user_id"]: line["data"] for line in lines}, self.expected)
+        self.assertEqual(run_cli(self.folder, "export", "-").stdout.encode(), read_bytes(out))
+        folder = self.scratch()
+        result = run_cli(folder, "import", out)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("imported 10000 users", result.stderr)
+
+        async def everyone() -> dict[str, object]:
+            async with JASON(folder, readonly=True) as db:
+                return {key: await db.load_user_data(key) for key in await db.user_ids()}
+
+        self.assertEqual(asyncio.run(everyone()), self.expected)
+
+    def test_sqlite_export_holds_every_user_as_queryable_json(self) -> None:
+        import sqlite3
+
+        out = os.path.join(self._tmp.name, "users.sqlite")
+        result = run_cli(self.folder, "export", "--format", "sqlite", out)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        with contextlib.closing(sqlite3.connect(out)) as connection:
+            rows = dict(connection.execute("SELECT user_id, data FROM users"))
+            name = connection.execute("SELECT json_extract(data, '$.name') FROM users WHERE user_id = '7'").fetchone()
+        self.assertEqual({key: json.loads(data) for key, data in rows.items()}, self.expected)
+        self.assertEqual(name, ("user 7 ✓",))
+        self.assert_fails(run_cli(self.folder, "export", "--format", "sqlite", "-"), 1, "needs a file name")
+
+    def test_a_failed_export_leaves_no_file(self) -> None:
+        folder = self.scratch()
+        run_cli(folder, "import", "-", stdin='{"user_id": 1, "data": {}}\n')
+        with open(os.path.join(folder, "2.json"), "w", encoding="utf-8") as file:
+            file.write("[]")
+        out = os.path.join(os.path.dirname(folder), "out.jsonl")
+        self.assert_fails(run_cli(folder, "export", out), 1, "corrupt record", "2.json")
+        self.assertEqual(os.listdir(os.path.dirname(out)), ["db"])
+
+    def test_import_refuses_bad_files_whole_with_the_line_number(self) -> None:
+        folder = self.scratch()
+        run_cli(folder, "import", "-", stdin='{"user_id": "old", "data": {"v": 1}}\n')
+        cases = [
+            ('{"user_id": 1, "data": {}}\n{"user_id": 2, "data": {}\n', "line 2", "not valid JSON"),
+            ('{"user_id": 1, "data": {}}\n\n{"user": 3}\n', "line 3", "expected"),
+            ('{"user_id": "", "data": {}}\n', "line 1", "invalid user id"),
+            ('{"user_id": 1, "data": {}}\n{"user_id": "1", "data": {}}\n', "line 2", "already on line 1"),
+            ('{"user_id": 1, "data": {"deep": ' + "[" * 200 + "]" * 200 + "}}\n", "line 1", "nested deeper"),
+            ('{"user_id": "old", "data": {"v": 2}}\n', "already exist", "--overwrite"),
+        ]
+        for text, *fragments in cases:
+            with self.subTest(fragments=fragments):
+                self.assert_fails(run_cli(folder, "import", "-", stdin=text), 1, *fragments)
+                self.assertEqual(run_cli(folder, "ls").stdout, "old\n")  # nothing imported
+        result = run_cli(folder, "import", "-", "--overwrite", stdin='{"user_id": "old", "data": {"v": 2}}\n')
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(run_cli(folder, "get", "old").stdout), {"v": 2})
+        self.assert_fails(run_cli(folder, "import", os.path.join(self._tmp.name, "nope.jsonl")), 1, "No such file")
+
+    def test_stats_counts_users_and_bytes(self) -> None:
+        result = run_cli(self.folder, "stats")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        sizes = [os.path.getsize(os.path.join(self.folder, n)) for n in os.listdir(self.folder) if n.endswith(".json")]
+        self.assertIn("users: 10000\n", result.stdout)
+        self.assertIn(f"records: {sum(sizes)} bytes\n", result.stdout)
+        self.assertIn(f"largest: {max(sizes)} bytes", result.stdout)
+
+    def test_a_closed_pipe_is_a_quiet_exit(self) -> None:
+        env = {**os.environ, "PYTHONPATH": HERE}
+        command = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'jason.py'))} "
+        command += f"{shlex.quote(self.folder)} ls | head -n 1"
+        result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=CHILD_TIMEOUT, env=env)
+        self.assertEqual(len(result.stdout.splitlines()), 1)
+        self.assertEqual(result.stderr, "")
 
 
 if __name__ == "__main__":
