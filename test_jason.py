@@ -27,6 +27,7 @@ import threading
 import types
 import unicodedata
 import unittest
+import zipfile
 from collections.abc import Iterator
 from typing import Callable, ClassVar
 from unittest import mock
@@ -1707,6 +1708,43 @@ class CLITest(unittest.TestCase):
         result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=CHILD_TIMEOUT, env=env)
         self.assertEqual(len(result.stdout.splitlines()), 1)
         self.assertEqual(result.stderr, "")
+
+
+OPTIONAL_PACKAGES_BLOCKED = sys.modules.get("orjson", "not imported") is None  # make test-stdlib
+
+
+@unittest.skipIf(OPTIONAL_PACKAGES_BLOCKED, "builds once, in the run with the optional packages")
+class PackagingTest(unittest.TestCase):
+    """pip install . and .[fast] from a clean virtualenv (needs the package registry for the build tools)."""
+
+    def test_the_wheel_holds_jason_py_alone_and_installs_a_working_command(self) -> None:
+        with tempfile.TemporaryDirectory(prefix="jason-wheel-") as work:
+            source, dist, venv = (os.path.join(work, name) for name in ("source", "dist", "venv"))
+            os.mkdir(source)
+            for name in ("jason.py", "pyproject.toml", "README.md", "LICENSE"):
+                shutil.copy(os.path.join(HERE, name), source)
+
+            def run(*command: str) -> str:
+                env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+                result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, env=env)
+                self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+                return result.stdout
+
+            run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", dist, source)
+            (wheel,) = os.listdir(dist)
+            with zipfile.ZipFile(os.path.join(dist, wheel)) as archive:
+                names = archive.namelist()
+            self.assertEqual([name for name in names if ".dist-info/" not in name], ["jason.py"])
+
+            run(sys.executable, "-m", "venv", venv)
+            bin_dir = os.path.join(venv, "Scripts" if sys.platform == "win32" else "bin")
+            python = os.path.join(bin_dir, "python")
+            run(python, "-m", "pip", "install", "--quiet", os.path.join(dist, wheel))
+            self.assertEqual(run(os.path.join(bin_dir, "jason"), "--version").strip(), f"jason {jason.__version__}")
+            self.assertIn("orjson off, aiofiles off", run(python, "-m", "jason", "--selftest"))
+
+            run(python, "-m", "pip", "install", "--quiet", f"{os.path.join(dist, wheel)}[fast]")
+            self.assertIn("orjson on, aiofiles on", run(os.path.join(bin_dir, "jason"), "--selftest"))
 
 
 if __name__ == "__main__":
