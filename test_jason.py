@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import glob
 import json
 import logging
 import os
@@ -1711,6 +1712,69 @@ class CLITest(unittest.TestCase):
 
 
 OPTIONAL_PACKAGES_BLOCKED = sys.modules.get("orjson", "not imported") is None  # make test-stdlib
+
+
+def postgres_bin_dir() -> str | None:
+    """The folder holding initdb, pg_ctl and psql, or None."""
+    for folder in [os.path.dirname(shutil.which("initdb") or ""), *sorted(glob.glob("/usr/lib/postgresql/*/bin"))]:
+        if folder and all(os.path.exists(os.path.join(folder, tool)) for tool in ("initdb", "pg_ctl")):
+            return folder
+    return None
+
+
+@unittest.skipUnless(postgres_bin_dir() and shutil.which("psql"), "PostgreSQL is not installed")
+class PostgresTest(unittest.TestCase):
+    """The README's PostgreSQL commands, run against a throwaway server on a Unix socket (no TCP)."""
+
+    def test_the_readme_commands_load_the_jsonl_export_into_jsonb(self) -> None:
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+            (sql,) = re.findall(r"```sql\n(.*?)```", file.read(), re.DOTALL)
+        records = {key: {"odd": key, "text": "ÿ 😀 \\ \" \t", "n": [1, 2.5, None]} for key in ODD_IDS}
+        records["42"] = {"challenge_balance": 7, "nested": {"a": {"b": []}}}
+        with tempfile.TemporaryDirectory(prefix="jason-pg-") as work:
+            os.chmod(work, 0o755)
+            folder, export = os.path.join(work, "users"), os.path.join(work, "users.jsonl")
+            asyncio.run(jason._save_then_close(JASON(folder, durable=False), list(records.items())))
+            self.assertEqual(run_cli(folder, "export", export).returncode, 0)
+            with self.postgres(work) as psql:
+                script = os.path.join(work, "load.sql")
+                with open(script, "w", encoding="utf-8") as file:
+                    file.write(sql.replace("'users.jsonl'", f"'{export}'"))
+                psql("-f", script)
+                rows = psql("-At", "-c", "SELECT json_agg(json_build_array(user_id, data)) FROM users")
+                loaded = {key: data for key, data in json.loads(rows)}
+                self.assertEqual(loaded, records)
+                query = "SELECT user_id FROM users WHERE (data->>'challenge_balance')::int > 5"
+                self.assertEqual(psql("-At", "-c", query), "42\n")
+
+    @contextlib.contextmanager
+    def postgres(self, work: str) -> Iterator[Callable[..., str]]:
+        bin_dir = postgres_bin_dir()
+        assert bin_dir is not None
+        data, socket_dir = os.path.join(work, "pgdata"), os.path.join(work, "sock")
+        os.mkdir(socket_dir)
+        as_server = []
+        if hasattr(os, "geteuid") and os.geteuid() == 0:  # the server refuses to run as root
+            import pwd
+            nobody = pwd.getpwnam("nobody")
+            os.chown(socket_dir, nobody.pw_uid, nobody.pw_gid)
+            os.mkdir(data, 0o700)
+            os.chown(data, nobody.pw_uid, nobody.pw_gid)
+            as_server = ["runuser", "-u", "nobody", "--"]
+
+        def run(*command: str) -> str:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False, cwd=work)
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            return result.stdout
+
+        run(*as_server, os.path.join(bin_dir, "initdb"), "-D", data, "-U", "postgres", "-A", "trust",
+            "-E", "UTF8", "--locale=C")
+        pg_ctl = [*as_server, os.path.join(bin_dir, "pg_ctl"), "-D", data, "-w"]
+        run(*pg_ctl, "-o", f"-c listen_addresses='' -k {socket_dir}", "-l", os.path.join(socket_dir, "log"), "start")
+        try:
+            yield lambda *args: run("psql", "-h", socket_dir, "-U", "postgres", "-v", "ON_ERROR_STOP=1", *args)
+        finally:
+            run(*pg_ctl, "-m", "fast", "stop")
 
 
 @unittest.skipIf(OPTIONAL_PACKAGES_BLOCKED, "builds once, in the run with the optional packages")
