@@ -20,7 +20,7 @@ returns a fresh deep copy; a second writer process is refused.
 
 Limits: one writer process per folder; each save rewrites that user's whole
 record; no queries across users; records are meant to be small (kilobytes).
-orjson and aiofiles are used when installed and never needed.
+The standard library is enough; orjson, when installed, makes JSON faster.
 """
 
 from __future__ import annotations
