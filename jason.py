@@ -1146,7 +1146,7 @@ def _classify_entries_sync(folder: str) -> tuple[int, list[tuple[str, str, str]]
     for name in names:
         path = os.path.join(folder, name)
         key = _user_key_from_file_name(name)
-        if name == LOCK_FILE_NAME:
+        if name in (LOCK_FILE_NAME, UPGRADE_MARKER_NAME):
             continue
         if name.startswith(TEMP_PREFIX):
             problems.append(("temp", path, "left by an interrupted save"))
@@ -1322,6 +1322,98 @@ def _cmd_stats(args: Any) -> int:
     return 0
 
 
+# What jason-db 0.2.0 left behind: <raw id>.json, and <raw id>.json.tmp from a save it never finished.
+_OLD_TEMP_SUFFIX: Final = RECORD_SUFFIX + ".tmp"
+# Left by `upgrade --apply`. Names alone cannot tell an upgraded folder from a
+# 0.2.0 one (0.2.0's "%41" was a literal "%41"); after this, they are new names.
+UPGRADE_MARKER_NAME: Final = ".jason-upgraded"
+
+
+def _is_intact_sync(path: str) -> bool:
+    """True when path holds a record that loads."""
+    try:
+        raw = _read_record_sync(path)
+        if raw is None:
+            return False
+        _parse_record(raw, path)
+        return True
+    except CorruptDataError:
+        return False
+
+
+def _plan_upgrade_sync(folder: str, upgraded: bool) -> tuple[dict[str, str], list[str], list[tuple[str, str]]]:
+    """Read a jason-db 0.2.0 folder: ({old name: new name}, old temp files, [(path, problem)]).
+
+    0.2.0 named a record f"{user_id}.json" with the raw id. A name that is
+    already this version's name for that same id stays; any other is renamed
+    to the id's new name. Corrupt records are renamed too (so a load reports
+    them) but never changed.
+    """
+    with os.scandir(folder) as entries:
+        names = sorted(entry.name for entry in entries)
+    renames: dict[str, str] = {}
+    problems: list[tuple[str, str]] = []
+    for name in names:
+        path = os.path.join(folder, name)
+        if not name.endswith(RECORD_SUFFIX) or name.startswith("."):
+            continue
+        if not _is_intact_sync(path):
+            problems.append((path, "empty or corrupt: kept byte for byte; repair it or restore it by hand"))
+        raw_id = name[: -len(RECORD_SUFFIX)]
+        new_key = _user_key_from_file_name(name)
+        if new_key is not None:
+            if new_key != raw_id and not upgraded:  # 0.2.0 never escaped: its "%41" was a literal "%41"
+                problems.append((path, f"ambiguous: this version reads it as user {_shown_id(new_key)}, 0.2.0 as "
+                                       f"user {_shown_id(raw_id)}; left alone, rename it by hand"))
+            continue
+        try:
+            new_name = _file_name(_user_key(raw_id))
+        except InvalidUserIdError as exc:
+            problems.append((path, f"not renamed: {exc}"))
+            continue
+        if new_name in names or new_name in renames.values():
+            problems.append((path, f"not renamed: {new_name} already stands for user {_shown_id(raw_id)}; "
+                                   "merge the two by hand"))
+            continue
+        renames[name] = new_name
+    temps = [name for name in names if name.endswith(_OLD_TEMP_SUFFIX)]
+    return renames, temps, problems
+
+
+def _cmd_upgrade(args: Any) -> int:
+    db = _open_folder(args.folder, write=args.apply)  # --apply takes the writer lock: the bot must be stopped
+    folder = db.folder
+    upgraded = os.path.exists(os.path.join(folder, UPGRADE_MARKER_NAME))
+    renames, temps, problems = _plan_upgrade_sync(folder, upgraded)
+    verb = "renamed" if args.apply else "would rename"
+    for old, new in renames.items():
+        if args.apply:
+            os.rename(os.path.join(folder, old), os.path.join(folder, new))  # no one else writes: we hold the lock
+        print(f"{verb}: {os.path.join(folder, old)} -> {new}")
+    for temp in temps:
+        record = temp[: -len(".tmp")]
+        record_now = renames.get(record, record) if args.apply else record
+        temp_path = os.path.join(folder, temp)
+        if not _is_intact_sync(os.path.join(folder, record_now)):
+            problems.append((temp_path, f"left by an interrupted 0.2.0 save while {record} is missing or corrupt: "
+                                        "kept, it may hold the only copy"))
+        elif args.apply:
+            os.unlink(temp_path)
+            print(f"removed: {temp_path} (its record is intact)")
+        else:
+            print(f"would remove: {temp_path} (its record is intact)")
+    if args.apply:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        marker = f"renamed from jason-db 0.2.0 names by jason {__version__} at {stamp}\n"
+        _write_atomic_sync(folder, UPGRADE_MARKER_NAME, marker.encode(), durable=True)  # fsyncs the renames too
+        asyncio.run(db.close())
+    for path, why in problems:
+        print(f"problem: {path}: {why}")
+    outcome = "applied" if args.apply else "dry run, nothing changed; run again with --apply to do it"
+    print(f"{len(renames)} renames, {len(temps)} old temp files, {len(problems)} problems: {outcome}")
+    return 1 if problems else 0
+
+
 def _build_parser() -> Any:
     import argparse
 
@@ -1360,6 +1452,9 @@ def _build_parser() -> Any:
     import_.set_defaults(handler=_cmd_import)
     stats = commands.add_parser("stats", help="number of users, record sizes and folder size")
     stats.set_defaults(handler=_cmd_stats)
+    upgrade = commands.add_parser("upgrade", help="rename a jason-db 0.2.0 folder's files to this version's names")
+    upgrade.add_argument("--apply", action="store_true", help="do it (needs the bot stopped); without it, only show")
+    upgrade.set_defaults(handler=_cmd_upgrade)
     return parser
 
 

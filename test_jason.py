@@ -1714,6 +1714,112 @@ class CLITest(unittest.TestCase):
 OPTIONAL_PACKAGES_BLOCKED = sys.modules.get("orjson", "not imported") is None  # make test-stdlib
 
 
+OLD_RELEASE_WRITER = """
+import asyncio, json, sys, jason_db
+async def main():
+    db = jason_db.JASON(sys.argv[1], {"balance": 0})
+    for user_id, data in json.loads(sys.argv[2]):
+        assert await db.save_user_data(user_id, data)
+asyncio.run(main())
+"""
+
+
+class UpgradeTest(unittest.TestCase):
+    """A real jason-db 0.2.0 folder, made by the published package, upgraded with `upgrade`."""
+
+    USERS: ClassVar[list[tuple[int | str, dict[str, object]]]] = [
+        (12345, {"balance": 5, "profile": {"name": "Ann", "tags": ["a"]}}),
+        (-100123, {"balance": -1, "group": True}),
+        ("carol", {"balance": 0}),
+        ("Alice", {"balance": 7, "z": {"b": 1, "a": 2}}),
+        ("BOB", {"balance": 1}),
+        ("a.b", {"balance": 2}),
+        ("Zoë Ünal", {"balance": 3, "text": "non-ASCII ✓"}),
+    ]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls._tmp = tempfile.TemporaryDirectory(prefix="jason-upgrade-")
+        cls.package = os.path.join(cls._tmp.name, "jason-db-0.2.0")
+        install = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", cls.package,
+             "jason-db==0.2.0"],
+            capture_output=True, text=True, timeout=300, check=False,
+        )
+        if install.returncode != 0:
+            raise unittest.SkipTest(f"jason-db 0.2.0 could not be installed from the registry: {install.stderr[-300:]}")
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls._tmp.cleanup()
+
+    def make_old_folder(self) -> str:
+        folder = os.path.join(tempfile.mkdtemp(dir=self._tmp.name), "users")
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # 0.2.0 needs orjson
+        env["PYTHONPATH"] = self.package
+        result = subprocess.run([sys.executable, "-c", OLD_RELEASE_WRITER, folder, json.dumps(self.USERS)],
+                                capture_output=True, text=True, timeout=CHILD_TIMEOUT, env=env, check=False)
+        if result.returncode != 0:
+            self.skipTest(f"jason-db 0.2.0 does not run here: {result.stderr.strip().splitlines()[-1]}")
+        with open(os.path.join(folder, "12345.json.tmp"), "wb") as file:
+            file.write(b'{\n  "balance": 6,\n  "pro')  # a save 0.2.0 never finished
+        with open(os.path.join(folder, "ghost.json"), "wb"):
+            pass  # the empty file a crash of 0.2.0 could leave
+        return folder
+
+    def test_upgrade_then_every_user_loads_with_identical_data(self) -> None:
+        folder = self.make_old_folder()
+        with open(os.path.join(folder, "Alice.json"), "rb") as file:
+            self.assertEqual(file.read()[:4], b'{\n  ')  # really 0.2.0's pretty, sorted output
+
+        async def load(user_ids: list[int | str]) -> list[dict[str, object]]:
+            async with JASON(folder, readonly=True) as db:
+                return [await db.load_user_data(user_id) for user_id in user_ids]
+
+        plain = [user_id for user_id, _ in self.USERS[:3]]  # numeric and lowercase: already fine
+        self.assertEqual(asyncio.run(load(plain)), [data for _, data in self.USERS[:3]])
+
+        before = sorted(os.listdir(folder))
+        dry = run_cli(folder, "upgrade")
+        self.assertEqual(dry.returncode, 1, dry.stderr)  # the empty file is a problem to look at
+        self.assertEqual(sorted(os.listdir(folder)), before, "the dry run changed the folder")
+        for old in ("Alice.json", "BOB.json", "a.b.json", "Zoë Ünal.json"):
+            self.assertIn(f"would rename: {os.path.join(folder, old)} -> ", dry.stdout)
+        self.assertIn("would remove: " + os.path.join(folder, "12345.json.tmp"), dry.stdout)
+        self.assertIn("problem: " + os.path.join(folder, "ghost.json") + ": empty or corrupt", dry.stdout)
+
+        applied = run_cli(folder, "upgrade", "--apply")
+        self.assertEqual(applied.returncode, 1, applied.stderr)
+        self.assertIn("4 renames, 1 old temp files, 1 problems: applied", applied.stdout)
+        everyone = [user_id for user_id, _ in self.USERS]
+        self.assertEqual(asyncio.run(load(everyone)), [data for _, data in self.USERS])
+        self.assertEqual(read_bytes(os.path.join(folder, "ghost.json")), b"")  # still there, untouched
+        with self.assertRaises(CorruptDataError):
+            asyncio.run(load(["ghost"]))
+        self.assertFalse(os.path.exists(os.path.join(folder, "12345.json.tmp")))
+        ids = asyncio.run(JASON(folder, readonly=True).user_ids())
+        self.assertEqual(sorted(ids), sorted([str(user_id) for user_id, _ in self.USERS] + ["ghost"]))
+
+        again = run_cli(folder, "upgrade")
+        self.assertIn("0 renames, 0 old temp files, 1 problems", again.stdout)  # the empty file is still reported
+        self.assertIn("ghost.json", again.stdout)
+
+    def test_a_running_bot_blocks_apply_and_names_that_would_clash_are_refused(self) -> None:
+        folder = self.make_old_folder()
+        with open(os.path.join(folder, "%41lice.json"), "w", encoding="utf-8") as file:
+            file.write('{"balance": 99}')  # what this version would name Alice: the two must not merge silently
+        bot = JASON(folder)
+        try:
+            self.assertIn("is open for writing", run_cli(folder, "upgrade", "--apply").stderr)
+        finally:
+            asyncio.run(bot.close())
+        result = run_cli(folder, "upgrade", "--apply")
+        self.assertIn("Alice.json: not renamed: %41lice.json already stands for user Alice", result.stdout)
+        self.assertIn("%41lice.json: ambiguous", result.stdout)
+        self.assertTrue(os.path.exists(os.path.join(folder, "Alice.json")))
+        self.assertEqual(read_bytes(os.path.join(folder, "%41lice.json")), b'{"balance": 99}')
+
+
 def postgres_bin_dir() -> str | None:
     """The folder holding initdb, pg_ctl and psql, or None."""
     for folder in [os.path.dirname(shutil.which("initdb") or ""), *sorted(glob.glob("/usr/lib/postgresql/*/bin"))]:
