@@ -9,11 +9,11 @@ STDLIB_ONLY := build/stdlib-only
 test: test-installed test-stdlib
 
 test-installed:
-	$(PYTHON) -m unittest -v test_jason
+	$(PYTHON) -m unittest -v test_jason examples/test_examples.py
 
 ## test-stdlib: the same suite with orjson and aiofiles blocked (children inherit the block)
 test-stdlib: $(STDLIB_ONLY)/sitecustomize.py
-	PYTHONPATH=$(STDLIB_ONLY) $(PYTHON) -m unittest -v test_jason
+	PYTHONPATH=$(STDLIB_ONLY) $(PYTHON) -m unittest -v test_jason examples/test_examples.py
 
 $(STDLIB_ONLY)/sitecustomize.py:
 	mkdir -p $(STDLIB_ONLY)
@@ -24,7 +24,7 @@ selftest:
 
 lint:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	$(PYTHON) -m ruff check jason.py test_jason.py
+	$(PYTHON) -m ruff check jason.py test_jason.py examples
 	$(PYTHON) -m mypy --strict jason.py
 
 bench:
