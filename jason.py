@@ -36,6 +36,7 @@ __all__ = [
 __version__ = "1.0.0"
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -46,6 +47,7 @@ import re
 import secrets
 import stat
 import sys
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -98,6 +100,12 @@ MIN_INT: Final = -(2**63)
 MAX_INT: Final = 2**64 - 1
 # 10,000 users of ~1 KB take about 10 MB: the whole user base of a typical bot.
 DEFAULT_CACHE_SIZE: Final = 10_000
+# Blocking I/O runs in a pool of its own. A durable save spends most of its
+# time waiting in fsync, and the file system commits concurrent fsyncs
+# together, so more waiting threads mean more saves a second: with 100
+# clients, 64 threads gave about twice the durable saves of asyncio's default
+# pool (6 threads on 2 cores). Idle threads cost no CPU.
+IO_THREADS: Final = 64
 # An antivirus or indexer holds a file for a few milliseconds; retrying for
 # about a second outlasts it without hanging a save forever.
 REPLACE_RETRY_DELAYS: Final = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -521,8 +529,14 @@ def _replace_sync(source: str, target: str) -> None:
     os.replace(source, target)
 
 
-def _write_atomic_sync(folder: str, name: str, data: bytes, durable: bool) -> None:
-    """Replace folder/name with data so that a crash leaves the old or the new file, whole."""
+def _write_atomic_sync(
+    folder: str, name: str, data: bytes, durable: bool, folder_sync: _FolderSync | None = None
+) -> None:
+    """Replace folder/name with data so that a crash leaves the old or the new file, whole.
+
+    When durable, the file is fsynced before the rename and the folder after
+    it, through folder_sync when given (shared between concurrent saves).
+    """
     path = os.path.join(folder, name)
     temp_path = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(8))
     fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_CLOEXEC, 0o666)
@@ -541,7 +555,52 @@ def _write_atomic_sync(folder: str, name: str, data: bytes, durable: bool) -> No
             os.unlink(temp_path)
         raise
     if durable:
-        _fsync_dir(folder)
+        if folder_sync is None:
+            _fsync_dir(folder)
+        else:
+            folder_sync.sync_after_rename()
+
+
+class _FolderSync:
+    """Folder fsyncs shared by the saves that finish together (a group commit).
+
+    A rename is durable once a folder fsync that started after it has
+    completed. So a save that has renamed waits for the fsync in progress,
+    if any, and then either finds that a later one covered it or runs the next
+    one itself, covering every rename announced by then. Under load, one fsync
+    serves many saves; alone, a save pays for exactly one, as before.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self._folder = folder
+        self._changed = threading.Condition()
+        self._renames = 0  # renames announced
+        self._covered = 0  # renames that a completed folder fsync covers
+        self._running = False
+
+    def sync_after_rename(self) -> None:
+        with self._changed:
+            self._renames += 1
+            mine = self._renames
+            while self._covered < mine:
+                if not self._running:
+                    self._running = True
+                    covers = self._renames
+                    break
+                self._changed.wait()
+            else:
+                return  # a folder fsync that started after our rename has completed
+        try:
+            _fsync_dir(self._folder)
+        except BaseException:
+            with self._changed:  # a waiter covered by this attempt will try again itself
+                self._running = False
+                self._changed.notify_all()
+            raise
+        with self._changed:
+            self._covered = max(self._covered, covers)
+            self._running = False
+            self._changed.notify_all()
 
 
 def _delete_sync(folder: str, name: str, durable: bool) -> bool:
@@ -686,16 +745,29 @@ class _SharedFolder:
         self.folder = folder
         self.lock_fd: int | None = lock_fd
         self.locks = _UserLocks()
+        self.folder_sync = _FolderSync(folder)
         self.instances: weakref.WeakSet[JASON] = weakref.WeakSet()
 
 
 _shared_folders: dict[str, _SharedFolder] = {}
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _io_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The pool for blocking I/O, made on first use (and again in a forked child)."""
+    global _executor
+    if _executor is None:
+        _executor = concurrent.futures.ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="jason-io")
+    return _executor
 
 
 def _forget_folders_after_fork() -> None:
     # The child must not write under its parent's lock. Closing its copy of the
     # descriptor leaves the parent's lock in place; instances made before the
-    # fork see the pid change and refuse to write.
+    # fork see the pid change and refuse to write. The I/O pool's threads did
+    # not survive the fork, so the child starts a pool of its own.
+    global _executor
+    _executor = None
     for shared in _shared_folders.values():
         if shared.lock_fd is not None:
             with contextlib.suppress(OSError):
@@ -714,7 +786,7 @@ async def _wait_in_thread(func: Callable[..., _T], *args: Any) -> _T:
     A thread cannot be stopped. Releasing the user's lock while its write is
     still running would let a later save land first and then be overwritten.
     """
-    future = asyncio.get_running_loop().run_in_executor(None, func, *args)
+    future = asyncio.get_running_loop().run_in_executor(_io_executor(), func, *args)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -785,10 +857,12 @@ class JASON:
                 raise FileNotFoundError(errno.ENOENT, "JASON folder does not exist", self._folder)
             self._shared: _SharedFolder | None = None
             self._locks = _UserLocks()
+            self._folder_sync: _FolderSync | None = None
         else:
             os.makedirs(self._folder, exist_ok=True)
             self._shared = self._attach_shared_folder()
             self._locks = self._shared.locks
+            self._folder_sync = self._shared.folder_sync
 
     def _attach_shared_folder(self) -> _SharedFolder:
         real_folder = os.path.realpath(self._folder)
@@ -961,7 +1035,7 @@ class JASON:
     async def _write_locked(self, key: str, compact: bytes, stored: bytes) -> None:
         name = _file_name(key)
         try:
-            await _wait_in_thread(_write_atomic_sync, self._folder, name, stored, self._durable)
+            await _wait_in_thread(_write_atomic_sync, self._folder, name, stored, self._durable, self._folder_sync)
         finally:
             # Other instances' copies are stale either way; so is ours if the
             # write failed, when the disk may hold the old or the new record.

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 import types
 import unicodedata
 import unittest
@@ -62,6 +63,11 @@ def run_child(code: str, *args: str, timeout: float = CHILD_TIMEOUT) -> subproce
         [sys.executable, "-c", textwrap.dedent(code), *args],
         capture_output=True, text=True, timeout=timeout, env=env, check=False,
     )
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
 
 
 def temp_files(folder: str) -> list[str]:
@@ -906,16 +912,15 @@ class ConcurrencyTest(FolderMixin):
         started: list[bytes] = []
         real_write = jason._write_atomic_sync
 
-        def slow_write(folder: str, name: str, data: bytes, durable: bool) -> None:
+        def slow_write(folder: str, name: str, data: bytes, *rest: object) -> None:
             started.append(data)
             if len(started) == 1:
                 release.wait(5)
-            real_write(folder, name, data, durable)
+            real_write(folder, name, data, *rest)  # type: ignore[arg-type]
 
         with mock.patch("jason._write_atomic_sync", slow_write):
             first = asyncio.ensure_future(self.db.save_user_data(1, {"v": "first"}))
-            while not started:
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(until(lambda: bool(started)), 10)
             first.cancel()
             second = asyncio.ensure_future(self.db.save_user_data(1, {"v": "second"}))
             await asyncio.sleep(0.1)
@@ -1277,6 +1282,8 @@ class PowerCutModel:
                 content = read_bytes(os.path.join(folder, name))
                 self.entries[name] = self._new_file(content)
         self.synced_entries = dict(self.entries)
+        self.folder_fsyncs = 0
+        self.folder_fsync_seconds = 0.0
 
     def _new_file(self, content: bytes = b"") -> int:
         file_id = len(self._files)
@@ -1303,13 +1310,21 @@ class PowerCutModel:
         return written
 
     def _fsync(self, fd: int) -> None:
-        self._real["fsync"](fd)
+        # Only what was there when the fsync started is sure to be on disk when it returns.
         with self._lock:
             target = self._open_fds.get(fd)
+            entries = dict(self.entries)
+            written = self._files[target]["written"] if isinstance(target, int) else b""
             if target == "folder":
-                self.synced_entries = dict(self.entries)
+                self.folder_fsyncs += 1
+        if target == "folder":
+            time.sleep(self.folder_fsync_seconds)  # a slow disk: renames pile up meanwhile
+        self._real["fsync"](fd)
+        with self._lock:
+            if target == "folder":
+                self.synced_entries = entries
             elif isinstance(target, int):
-                self._files[target]["synced"] = self._files[target]["written"]
+                self._files[target]["synced"] = written
 
     def _replace(self, source: str, target: str) -> None:
         self._real["replace"](source, target)
@@ -1322,9 +1337,9 @@ class PowerCutModel:
             self.entries.pop(os.path.basename(path), None)
 
     def _close(self, fd: int) -> None:
-        self._real["close"](fd)
-        with self._lock:
+        with self._lock:  # forget it first: once closed, another thread may get the same number
             self._open_fds.pop(fd, None)
+        self._real["close"](fd)
 
     def image(self) -> dict[str, bytes]:
         with self._lock:
@@ -1384,6 +1399,18 @@ class PowerCutTest(FolderMixin):
         last = images_after[-1]
         lost = [name for name, content in last["returned"].items() if last["image"].get(name) != content]
         self.assertTrue(lost, "without fsync a power cut loses returned saves; a model that never sees it is blind")
+
+    async def test_concurrent_durable_saves_share_folder_fsyncs_and_all_survive(self) -> None:
+        db = self.open_db(default_structure={})
+        model = PowerCutModel(self.folder)
+        model.folder_fsync_seconds = 0.02
+        with model.installed():
+            await asyncio.gather(*(db.save_user_data(user, {"user": user}) for user in range(40)))
+            image = model.image()
+        for user in range(40):
+            self.assertEqual(image.get(jason._file_name(str(user))), jason._dumps({"user": user}))
+        self.assertLess(model.folder_fsyncs, 40, "every save paid for its own folder fsync")
+        self.assertGreater(model.folder_fsyncs, 0)
 
     def assert_old_or_new(self, image: dict[str, bytes], versions: dict[str, list[bytes]]) -> None:
         for name, content in image.items():
