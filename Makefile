@@ -24,11 +24,18 @@ selftest:
 
 lint:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	$(PYTHON) -m ruff check jason.py test_jason.py examples
+	$(PYTHON) -m ruff check jason.py test_jason.py examples benchmarks
 	$(PYTHON) -m mypy --strict jason.py
 
-bench:
-	@echo "the benchmark is not written yet" >&2; exit 1
+## bench: JASON against its floors and peers, in its own virtualenv; writes benchmarks/results.{md,json} and chart.svg
+BENCH_VENV := build/bench-venv
+bench: $(BENCH_VENV)/installed
+	$(BENCH_VENV)/bin/python benchmarks/bench.py $(BENCH_ARGS)
+
+$(BENCH_VENV)/installed: benchmarks/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r benchmarks/requirements.txt
+	touch $@
 
 version:
 	@$(PYTHON) jason.py --version

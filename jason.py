@@ -786,13 +786,15 @@ async def _wait_in_thread(func: Callable[..., _T], *args: Any) -> _T:
     A thread cannot be stopped. Releasing the user's lock while its write is
     still running would let a later save land first and then be overwritten.
     """
-    future = asyncio.get_running_loop().run_in_executor(_io_executor(), func, *args)
+    running = _io_executor().submit(func, *args)
     try:
-        return await asyncio.shield(future)
+        return await asyncio.wrap_future(running)
     except asyncio.CancelledError:
-        while not future.done():
+        # Cancelling the wrapper does not stop a thread that has started; wait
+        # on the thread's own future, through new wrappers, until it is done.
+        while not running.done():
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait((future,))
+                await asyncio.wait((asyncio.wrap_future(running),))
         raise
 
 
@@ -1026,9 +1028,7 @@ class JASON:
         if data is None:
             self._cache.put(key, None)
             return self._decode(None)
-        if self._cache.max_size != 0:
-            # A pretty or hand-formatted file is cached compact, as saves are.
-            self._cache.put(key, bytes(memoryview(_dumps(data))))
+        self._cache.put(key, raw)  # the bytes as read: parsing them gives the same data
         _merge_defaults(data, self._defaults)
         return data
 
