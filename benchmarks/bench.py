@@ -178,7 +178,7 @@ class Jason(System):
 
     async def fill(self, records: dict[int, dict[str, Any]]) -> None:
         async with self.jason.JASON(self.db.folder, durable=False, cache_size=0) as filler:
-            await gather_limited([filler.save_user_data(u, d) for u, d in records.items()], 64)
+            await run_limited(lambda user: filler.save_user_data(user, records[user]), records, 64)
 
 
 class OldJason(System):
@@ -418,14 +418,15 @@ SCALE_SYSTEMS = ["disk-floor-durable", "jason-durable", "sqlite-wal-full"]
 # ---------------------------------------------------------------- workloads (in the worker)
 
 
-async def gather_limited(coroutines: list[Any], limit: int) -> list[Any]:
-    semaphore = asyncio.Semaphore(limit)
+async def run_limited(operation: Callable[[int], Any], users: Any, limit: int) -> None:
+    """await operation(user) for every user, `limit` at a time, keeping no results: memory stays flat."""
+    pending = iter(users)
 
-    async def run(coroutine: Any) -> Any:
-        async with semaphore:
-            return await coroutine
+    async def worker() -> None:
+        for user in pending:
+            await operation(user)
 
-    return await asyncio.gather(*(run(c) for c in coroutines))
+    await asyncio.gather(*(worker() for _ in range(limit)))
 
 
 async def per_op_us(operation: Callable[[int], Any], users: list[int]) -> float:
@@ -531,7 +532,7 @@ async def run_worker(key: str, users: int, seconds: float, folder: str, scale: b
         result.update(await paired_with_floor(system, folder, sample[400:600]))
     if scale:
         start = time.perf_counter()
-        await gather_limited([system.load(user) for user in range(users)], CLIENTS)
+        await run_limited(system.load, range(users), CLIENTS)
         result["load_all_s"] = time.perf_counter() - start
         result["disk_mb"] = folder_bytes(folder) / 1e6
         result["peak_rss_mb"] = peak_rss_mb()
@@ -539,7 +540,7 @@ async def run_worker(key: str, users: int, seconds: float, folder: str, scale: b
         return result
     burst = list(range(system.burst))
     start = time.perf_counter()
-    await gather_limited([system.save(user, make_record(user)) for user in burst], CLIENTS)
+    await run_limited(lambda user: system.save(user, make_record(user)), burst, CLIENTS)
     result["save_100_clients_per_s"] = len(burst) / (time.perf_counter() - start)
     result["chat_mix"] = await chat_mix(system, users, seconds)
     result["storm"] = await storm(system, 1, system.burst)
