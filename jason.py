@@ -781,7 +781,7 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 
 async def _wait_in_thread(func: Callable[..., _T], *args: Any) -> _T:
-    """Run a blocking function in the loop's thread pool; on cancellation, still wait for it.
+    """Run a blocking function in the I/O thread pool; on cancellation, still wait for it.
 
     A thread cannot be stopped. Releasing the user's lock while its write is
     still running would let a later save land first and then be overwritten.
