@@ -1139,11 +1139,14 @@ def _shown_id(key: str) -> str:
     return key if key.isprintable() else json.dumps(key)
 
 
-def _read_stored_record(folder: str, key: str) -> dict[str, Any] | None:
-    """A record as it is on disk, defaults not merged; None when there is none."""
-    path = os.path.join(folder, _file_name(key))
+def _read_record_file_sync(path: str) -> dict[str, Any] | None:
+    """The record in the file at path, as stored (defaults not merged); None when there is none."""
     raw = _read_record_sync(path)
     return None if raw is None else _parse_record(raw, path)
+
+
+def _read_stored_record(folder: str, key: str) -> dict[str, Any] | None:
+    return _read_record_file_sync(os.path.join(folder, _file_name(key)))
 
 
 def _json_error_position(exc: ValueError) -> str:
@@ -1406,11 +1409,7 @@ UPGRADE_MARKER_NAME: Final = ".jason-upgraded"
 def _is_intact_sync(path: str) -> bool:
     """True when path holds a record that loads."""
     try:
-        raw = _read_record_sync(path)
-        if raw is None:
-            return False
-        _parse_record(raw, path)
-        return True
+        return _read_record_file_sync(path) is not None
     except CorruptDataError:
         return False
 
