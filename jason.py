@@ -221,54 +221,89 @@ def _check_text(text: str) -> None:
             raise _Unstorable(ValueError, "a str with a lone surrogate is not valid UTF-8") from None
 
 
-def _check_value(value: object, depth: int) -> None:
+def _checked_key(key: object) -> str:
+    if type(key) is not str:
+        if not isinstance(key, str):
+            raise _Unstorable(TypeError, f"dict keys must be str, not {type(key).__name__} {key!r}")
+        key = str.__str__(key)
+    _check_text(key)
+    return key
+
+
+def _storable_value(value: object, depth: int) -> object:
+    """value as it will be serialised, checked; raises _Unstorable.
+
+    A subclass of dict, list, str or int becomes its base type, read through
+    the base type's own methods: orjson reads a dict's or an int's storage,
+    not an overridden items() or comparison, so the check must look at what
+    is really written, and both back-ends must be given the same plain value.
+    Plain values come back as the same objects, so the common case copies
+    nothing.
+    """
     cls = type(value)
     if cls is str:
         _check_text(value)  # type: ignore[arg-type]
-    elif cls is bool or value is None:
-        pass
-    elif cls is int or (isinstance(value, int) and not isinstance(value, bool)):
-        if not MIN_INT <= value <= MAX_INT:  # type: ignore[operator]
-            raise _Unstorable(ValueError, "integers must fit in 64 bits")
-    elif cls is float:
+        return value
+    if cls is bool or value is None:
+        return value
+    if cls is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
             raise _Unstorable(ValueError, f"{value!r} is not valid JSON")
-    elif isinstance(value, dict):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value if cls is int else int.__int__(value)
+        if not MIN_INT <= number <= MAX_INT:
+            raise _Unstorable(ValueError, "integers must fit in 64 bits")
+        return number
+    if isinstance(value, dict):
         if depth >= MAX_DEPTH:
             raise _Unstorable(ValueError, f"nested deeper than {MAX_DEPTH} levels")
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise _Unstorable(TypeError, f"dict keys must be str, not {type(key).__name__} {key!r}")
-            _check_text(key)
+        pairs = []
+        unchanged = cls is dict
+        for key, item in dict.items(value):
+            plain_key = _checked_key(key)
             try:
-                _check_value(item, depth + 1)
+                plain_item = _storable_value(item, depth + 1)
             except _Unstorable as exc:
-                exc.path.append(f"[{key!r}]")
+                exc.path.append(f"[{plain_key!r}]")
                 raise
-    elif isinstance(value, list):
+            unchanged = unchanged and plain_key is key and plain_item is item
+            pairs.append((plain_key, plain_item))
+        return value if unchanged else dict(pairs)
+    if isinstance(value, list):
         if depth >= MAX_DEPTH:
             raise _Unstorable(ValueError, f"nested deeper than {MAX_DEPTH} levels")
-        for index, item in enumerate(value):
+        items = []
+        unchanged = cls is list
+        for index, item in enumerate(list.__iter__(value)):
             try:
-                _check_value(item, depth + 1)
+                plain_item = _storable_value(item, depth + 1)
             except _Unstorable as exc:
                 exc.path.append(f"[{index}]")
                 raise
-    elif isinstance(value, str):
-        _check_text(value)
-    else:
-        raise _Unstorable(
-            TypeError,
-            f"{type(value).__name__} is not JSON; use dict, list, str, int, float, bool or None",
-        )
+            unchanged = unchanged and plain_item is item
+            items.append(plain_item)
+        return value if unchanged else items
+    if isinstance(value, str):
+        text = str.__str__(value)
+        _check_text(text)
+        return text
+    raise _Unstorable(
+        TypeError,
+        f"{type(value).__name__} is not JSON; use dict, list, str, int, float, bool or None",
+    )
 
 
-def _check_storable(data: Mapping[str, Any]) -> None:
-    """Raise TypeError or ValueError, naming the bad value's place, if data cannot round-trip."""
+def _check_storable(data: Mapping[str, Any], name: str = "data") -> dict[str, Any]:
+    """data as a plain dict that both back-ends write alike.
+
+    Raises TypeError or ValueError naming the bad value's place (under name)
+    if data cannot round-trip.
+    """
     try:
-        _check_value(data, 0)
+        return _storable_value(data, 0)  # type: ignore[return-value]
     except _Unstorable as exc:
-        where = "data" + "".join(reversed(exc.path))
+        where = name + "".join(reversed(exc.path))
         raise exc.error_type(f"cannot store {where}: {exc.message}") from None
 
 
@@ -308,14 +343,21 @@ def _find_lone_surrogate(value: object) -> bool:
     return False
 
 
-def _loads_stdlib(raw: bytes) -> Any:
+def _parse_int_storable(text: str) -> int:
+    value = int(text)
+    if not MIN_INT <= value <= MAX_INT:
+        raise ValueError(f"integer {text} does not fit in 64 bits, so it cannot be stored")
+    return value
+
+
+def _loads_stdlib(raw: bytes, parse_int: Callable[[str], int | float] = _parse_int_stdlib) -> Any:
     """Parse JSON as strictly as orjson does: UTF-8 only, no NaN, no lone surrogates."""
     try:
         value = json.loads(
             raw.decode("utf-8"),
             parse_constant=_reject_constant,
             parse_float=_parse_float_stdlib,
-            parse_int=_parse_int_stdlib,
+            parse_int=parse_int,
         )
     except RecursionError:
         raise ValueError("nested too deeply") from None
@@ -339,13 +381,22 @@ else:
     _loads = _loads_stdlib
 
 
-def _encode_record(data: Mapping[str, Any], pretty: bool) -> tuple[bytes, bytes]:
+def _loads_input(raw: bytes) -> Any:
+    """Parse JSON given to the command line, refusing what a save would refuse.
+
+    Both back-ends read an integer beyond 64 bits as a float; for input that
+    would silently change the number, so such input is refused instead.
+    """
+    return _loads_stdlib(raw, parse_int=_parse_int_storable)
+
+
+def _encode_record(data: Mapping[str, Any], pretty: bool, name: str = "data") -> tuple[bytes, bytes]:
     """Check data and return (compact bytes for the cache, bytes for the file)."""
-    _check_storable(data)
+    plain = _check_storable(data, name)
     # orjson's result keeps a buffer about four times its length; an exact copy
     # is what the cache should hold.
-    compact = bytes(memoryview(_dumps(data)))
-    stored = _dumps(data, True) + b"\n" if pretty else compact
+    compact = bytes(memoryview(_dumps(plain)))
+    stored = _dumps(plain, True) + b"\n" if pretty else compact
     return compact, stored
 
 
@@ -529,6 +580,40 @@ def _replace_sync(source: str, target: str) -> None:
     os.replace(source, target)
 
 
+def _record_mode_sync(path: str) -> int | None:
+    """The permission bits to give a record's new version: the old version's, on POSIX.
+
+    A save replaces the file, so without this a record chmod 600 by its owner
+    would come back 644. None (a new record, or Windows): the umask decides.
+    """
+    if not hasattr(os, "fchmod"):  # Windows: no permission bits to keep
+        return None
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return stat.S_IMODE(info.st_mode) if stat.S_ISREG(info.st_mode) else None
+
+
+def _make_folder_sync(folder: str, durable: bool) -> None:
+    """Create folder and its missing parents; when durable, make each new entry survive a power cut."""
+    missing = []
+    path = folder
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    os.makedirs(folder, exist_ok=True)
+    if durable:
+        # A new folder is an entry in its parent: until the parent is
+        # fsynced, a power cut can lose the folder and every record in it.
+        for created in missing:
+            _fsync_dir(created)
+            _fsync_dir(os.path.dirname(created))
+
+
 def _write_atomic_sync(
     folder: str, name: str, data: bytes, durable: bool, folder_sync: _FolderSync | None = None
 ) -> None:
@@ -538,10 +623,13 @@ def _write_atomic_sync(
     it, through folder_sync when given (shared between concurrent saves).
     """
     path = os.path.join(folder, name)
+    mode = _record_mode_sync(path)
     temp_path = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(8))
     fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_CLOEXEC, 0o666)
     try:
         try:
+            if mode is not None:
+                os.fchmod(fd, mode)
             _write_all_sync(fd, data)
             if durable:
                 # If this fails, never rename: the kernel may have dropped the
@@ -640,17 +728,29 @@ def _lock_folder_sync(folder: str) -> int:
     # The lock file is never deleted: deleting it would let a second process
     # lock a new file while the first still holds the old one.
     path = os.path.join(folder, LOCK_FILE_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_BINARY | _O_CLOEXEC, 0o666)
     try:
-        _try_lock_sync(fd)
+        # Never follow a link: the pid written below would truncate its target.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW | _O_NONBLOCK, 0o666)
     except OSError as exc:
-        os.close(fd)
-        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):
-            raise
-        raise DatabaseLockedError(folder, _lock_holder_sync(path)) from None
-    if sys.platform != "win32":  # a locked byte cannot be read on Windows
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        if exc.errno == errno.ELOOP:
+            raise JasonError(f"{path} is a symbolic link, which JASON never follows; "
+                             "remove it (the lock file holds only a process id)") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise JasonError(f"{path} is not a regular file; remove it (the lock file holds only a process id)")
+        try:
+            _try_lock_sync(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):
+                raise
+            raise DatabaseLockedError(folder, _lock_holder_sync(path)) from None
+        if sys.platform != "win32":  # a locked byte cannot be read on Windows
+            os.ftruncate(fd, 0)
+            _write_all_sync(fd, f"{os.getpid()}\n".encode())
+    except BaseException:
+        os.close(fd)  # closing releases the lock too: a failed open must not keep the folder locked
+        raise
     return fd
 
 
@@ -702,33 +802,115 @@ class _RecordCache:
         self._entries.clear()
 
 
+class _LockEntry:
+    """One user's lock, the task holding it, and how many tasks hold or await it."""
+
+    __slots__ = ("holder", "lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.holder: asyncio.Task[Any] | None = None
+        self.users = 0
+
+
+class _HeldByThisTask(Exception):
+    """The task asking for a user's lock already holds it (an edit of that user is open)."""
+
+
+class _WouldDeadlock(Exception):
+    """Waiting for this user's lock would close a cycle of tasks waiting on each other."""
+
+    def __init__(self, key: str, holder_waits_for: str) -> None:
+        super().__init__(key, holder_waits_for)
+        self.key = key
+        self.holder_waits_for = holder_waits_for
+
+
 class _UserLocks:
     """One asyncio.Lock per user key, kept only while someone holds or awaits it.
 
     Locks are made inside the running loop on first use and forgotten when the
     last holder leaves, so memory follows the users in flight, not every user
-    ever seen, and an instance works across successive asyncio.run() calls.
+    ever seen. The registry serves one event loop at a time: a later loop takes
+    over once the earlier one has stopped (successive asyncio.run() calls), but
+    a second loop running at the same time in another thread is refused, since
+    an asyncio.Lock cannot serialise tasks of two loops.
+
+    Waits are checked before they start, as a database checks for deadlocks:
+    a task asking again for a lock it holds gets _HeldByThisTask, and a task
+    whose wait would close a cycle (A holds 1 and waits for 2 while B holds 2
+    and waits for 1) gets _WouldDeadlock, instead of hanging forever.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._entries: dict[str, _LockEntry] = {}
+        self._waiting: dict[asyncio.Task[Any], str] = {}  # task -> the key it waits for
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._binding = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    def check_loop(self, where: str) -> None:
+        """Bind the registry to the running loop, or raise JasonError if another loop is using it."""
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return
+        with self._binding:
+            previous = self._loop
+            if previous is not None and previous is not loop and previous.is_running():
+                raise JasonError(
+                    f"{where} is in use by an event loop running in another thread; JASON serves one "
+                    "loop at a time. Use it from one thread's loop, or give each thread its own folder"
+                )
+            if self._entries:  # tasks of a stopped loop still hold locks that this loop cannot use
+                raise JasonError(f"{where} still has operations of a stopped event loop in flight")
+            self._loop = loop
+
+    def check_wait(self, key: str) -> None:
+        """Raise _HeldByThisTask or _WouldDeadlock if the current task must not wait for key."""
+        entry = self._entries.get(key)
+        if entry is None or entry.holder is None:
+            return
+        task = asyncio.current_task()
+        if entry.holder is task:
+            raise _HeldByThisTask(key)
+        holder: asyncio.Task[Any] | None = entry.holder
+        for _ in range(len(self._waiting) + 1):  # a chain cannot be longer than the tasks waiting
+            wanted = self._waiting.get(holder)  # type: ignore[arg-type]
+            if wanted is None:
+                return
+            next_entry = self._entries.get(wanted)
+            holder = None if next_entry is None else next_entry.holder
+            if holder is task:
+                raise _WouldDeadlock(key, wanted)
+            if holder is None:
+                return
+
     @contextlib.asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[None]:
+        self.check_wait(key)
+        task = asyncio.current_task()
+        assert task is not None  # check_loop ran: we are inside a task
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = (asyncio.Lock(), [0])
-        lock, users = entry
-        users[0] += 1
+            entry = self._entries[key] = _LockEntry()
+        entry.users += 1
         try:
-            async with lock:
+            self._waiting[task] = key
+            try:
+                await entry.lock.acquire()
+            finally:
+                del self._waiting[task]
+            entry.holder = task
+            try:
                 yield
+            finally:
+                entry.holder = None
+                entry.lock.release()
         finally:
-            users[0] -= 1
-            if users[0] == 0:
+            entry.users -= 1
+            if entry.users == 0:
                 del self._entries[key]
 
 
@@ -737,8 +919,9 @@ class _SharedFolder:
 
     One writer lock (flock is per open file, so a second open in the same
     process would lock itself out), one lock registry (so two instances never
-    write one user at once), and the instances, so a save through one drops
-    the stale copy from the others' caches.
+    write one user at once), the instances (so a save through one drops the
+    stale copy from the others' caches), and the writes under way in threads,
+    so that the writer lock is released only after the last of them has landed.
     """
 
     def __init__(self, folder: str, lock_fd: int) -> None:
@@ -747,9 +930,53 @@ class _SharedFolder:
         self.locks = _UserLocks()
         self.folder_sync = _FolderSync(folder)
         self.instances: weakref.WeakSet[JASON] = weakref.WeakSet()
+        self.writes: set[concurrent.futures.Future[Any]] = set()
+
+    def start_write(self, instance: JASON, operation: str, func: Callable[..., _T], *args: Any) -> \
+            concurrent.futures.Future[_T]:
+        """Run func in the I/O pool as a write of instance, if instance may still write.
+
+        The check and the registration happen under the registry lock, which
+        close() takes too: a write is either refused or waited for, never left
+        to land after the lock is released.
+        """
+        with _registry_lock:
+            instance._check_writable(operation)
+            running = _io_executor().submit(func, *args)
+            self.writes.add(running)
+        running.add_done_callback(self._write_done)
+        return running
+
+    def _write_done(self, running: concurrent.futures.Future[Any]) -> None:
+        with _registry_lock:
+            self.writes.discard(running)
+
+    async def detach(self, instance: JASON) -> None:
+        """Forget instance; when it was the last, wait for every write under way, then release the lock."""
+        with _registry_lock:
+            self.instances.discard(instance)
+            if self.instances:
+                return
+        while True:
+            with _registry_lock:
+                writes = list(self.writes)
+            if not writes:
+                break
+            await _wait_for_futures(writes)
+        with _registry_lock:
+            # A new instance may have joined while we waited: then it keeps the lock.
+            if self.instances or _shared_folders.get(self.folder) is not self:
+                return
+            del _shared_folders[self.folder]
+            if self.lock_fd is not None:
+                os.close(self.lock_fd)  # closing the only descriptor releases flock
+                self.lock_fd = None
 
 
 _shared_folders: dict[str, _SharedFolder] = {}
+# Guards _shared_folders and every _SharedFolder's instances and writes: JASON
+# objects may be made and closed in several threads at once.
+_registry_lock = threading.Lock()
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
 
 
@@ -765,9 +992,11 @@ def _forget_folders_after_fork() -> None:
     # The child must not write under its parent's lock. Closing its copy of the
     # descriptor leaves the parent's lock in place; instances made before the
     # fork see the pid change and refuse to write. The I/O pool's threads did
-    # not survive the fork, so the child starts a pool of its own.
-    global _executor
+    # not survive the fork, so the child starts a pool of its own; a lock that
+    # another thread held at the fork would never be released, so it is new too.
+    global _executor, _registry_lock
     _executor = None
+    _registry_lock = threading.Lock()
     for shared in _shared_folders.values():
         if shared.lock_fd is not None:
             with contextlib.suppress(OSError):
@@ -780,22 +1009,41 @@ if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_forget_folders_after_fork)
 
 
-async def _wait_in_thread(func: Callable[..., _T], *args: Any) -> _T:
-    """Run a blocking function in the I/O thread pool; on cancellation, still wait for it.
+async def _wait_for_futures(futures: list[concurrent.futures.Future[Any]]) -> None:
+    """Wait until every future is done, through cancellation too; their errors are their callers'."""
+    waiters = [asyncio.wrap_future(future) for future in futures]
+    cancelled = False
+    while not all(waiter.done() for waiter in waiters):
+        try:
+            await asyncio.wait(waiters)
+        except asyncio.CancelledError:
+            cancelled = True
+    for waiter in waiters:
+        if not waiter.cancelled():
+            waiter.exception()  # retrieved here, so asyncio does not log it as lost
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def _wait_for_thread(running: concurrent.futures.Future[_T]) -> _T:
+    """The result of blocking work started in the I/O pool; on cancellation, still wait for it.
 
     A thread cannot be stopped. Releasing the user's lock while its write is
     still running would let a later save land first and then be overwritten.
+    A write that fails after its caller was cancelled reports nothing: the
+    caller has already been told (by the cancellation) that the outcome is unknown.
     """
-    running = _io_executor().submit(func, *args)
     try:
         return await asyncio.wrap_future(running)
     except asyncio.CancelledError:
-        # Cancelling the wrapper does not stop a thread that has started; wait
-        # on the thread's own future, through new wrappers, until it is done.
-        while not running.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait((asyncio.wrap_future(running),))
+        # Cancelling the wrapper stops a job still queued, not a thread that has started.
+        await _wait_for_futures([running])
         raise
+
+
+async def _in_thread(func: Callable[..., _T], *args: Any) -> _T:
+    """Run a blocking function that writes nothing in the I/O pool."""
+    return await _wait_for_thread(_io_executor().submit(func, *args))
 
 
 # ---------------------------------------------------------------- the database
@@ -842,7 +1090,7 @@ class JASON:
             default_structure = {}
         if not isinstance(default_structure, Mapping):
             raise TypeError(f"default_structure must be a dict, not {type(default_structure).__name__}")
-        self._default_bytes, _ = _encode_record(dict(default_structure), pretty=False)
+        self._default_bytes, _ = _encode_record(dict(default_structure), pretty=False, name="default_structure")
         self._defaults: dict[str, Any] = _loads(self._default_bytes)
         self._pretty = pretty
         self._durable = durable
@@ -861,18 +1109,19 @@ class JASON:
             self._locks = _UserLocks()
             self._folder_sync: _FolderSync | None = None
         else:
-            os.makedirs(self._folder, exist_ok=True)
+            _make_folder_sync(self._folder, durable)
             self._shared = self._attach_shared_folder()
             self._locks = self._shared.locks
             self._folder_sync = self._shared.folder_sync
 
     def _attach_shared_folder(self) -> _SharedFolder:
         real_folder = os.path.realpath(self._folder)
-        shared = _shared_folders.get(real_folder)
-        if shared is None:
-            shared = _SharedFolder(real_folder, _lock_folder_sync(self._folder))
-            _shared_folders[real_folder] = shared
-        shared.instances.add(self)
+        with _registry_lock:  # two threads opening one folder must share one lock, not race for it
+            shared = _shared_folders.get(real_folder)
+            if shared is None:
+                shared = _SharedFolder(real_folder, _lock_folder_sync(self._folder))
+                _shared_folders[real_folder] = shared
+            shared.instances.add(self)
         return shared
 
     def __repr__(self) -> str:
@@ -893,35 +1142,40 @@ class JASON:
     async def close(self) -> None:
         """Forget the cache and release the writer lock once no other instance here uses it.
 
-        Every later call on this instance raises JasonError. Closing twice is harmless.
+        Writes already under way (each one file operation) are waited for
+        before the lock is released; an edit still open, or a save still
+        waiting for its user, fails with JasonError and writes nothing. Every
+        later call on this instance raises JasonError. Closing twice is harmless.
         """
         if self._closed:
             return
-        self._closed = True
+        with _registry_lock:  # a write is either registered before this, and waited for, or refused
+            self._closed = True
         self._cache.clear()
-        shared = self._shared
-        if shared is None:
-            return
-        shared.instances.discard(self)
-        if not shared.instances and _shared_folders.get(shared.folder) is shared:
-            del _shared_folders[shared.folder]
-            if shared.lock_fd is not None:
-                os.close(shared.lock_fd)  # closing the only descriptor releases flock
-                shared.lock_fd = None
+        if self._shared is not None:
+            await self._shared.detach(self)
 
     async def load_user_data(self, user_id: int | str) -> dict[str, Any]:
         """The user's data, with missing default keys filled in (recursively).
 
         An unknown user gets a copy of the default structure; nothing is
-        written. Each call returns a new, fully independent copy. Raises
-        CorruptDataError when the stored file is not a JSON object.
+        written. Each call returns a new, fully independent copy, of what is
+        stored: inside edit_user_data, a load of the user being edited returns
+        the record as it was before the edit. Raises CorruptDataError when the
+        stored file is not a JSON object.
         """
         key = self._key(user_id)
         cached = self._cache.get(key)
-        if cached is _NOT_CACHED:
-            async with self._locks.hold(key):
-                return await self._load_locked(key)
-        return self._decode(cached)  # type: ignore[arg-type]
+        if cached is not _NOT_CACHED:
+            return self._decode(cached)  # type: ignore[arg-type]
+        try:
+            self._locks.check_wait(key)
+        except _HeldByThisTask:  # inside this task's own edit of the user: nothing can change the file
+            return await self._load_locked(key)
+        except _WouldDeadlock:  # the holder waits for us: read the file as it is, without the lock
+            return await self._read_unlocked(key)
+        async with self._locks.hold(key):
+            return await self._load_locked(key)
 
     async def save_user_data(self, user_id: int | str, data: Mapping[str, Any]) -> None:
         """Store data as the user's whole record, atomically (durably, unless durable=False).
@@ -930,6 +1184,7 @@ class JASON:
         ValueError leave file and cache as they were. An OSError from the disk
         propagates; the record is then the old one, or the new one when only
         the final folder fsync failed, and the next load reads whichever it is.
+        Inside edit_user_data of the same user, raises JasonError at once.
         """
         key = self._key(user_id)
         self._check_writable("save_user_data")
@@ -938,31 +1193,36 @@ class JASON:
         if not isinstance(data, dict):
             data = dict(data)
         compact, stored = _encode_record(data, self._pretty)
-        async with self._locks.hold(key):
-            await self._write_locked(key, compact, stored)
+        async with self._hold(key, "save_user_data"):
+            await self._write_locked(key, compact, stored, "save_user_data")
 
     @contextlib.asynccontextmanager
     async def edit_user_data(self, user_id: int | str) -> AsyncIterator[dict[str, Any]]:
         """Read-modify-write under the user's lock: saved on clean exit, dropped on exception.
 
         ``async with db.edit_user_data(uid) as data: data["n"] += 1``
+
+        Edits of different users may nest. A nested edit (or save or delete)
+        of the user already being edited, or one whose wait would deadlock
+        with another task, raises JasonError at once and changes nothing.
         """
         key = self._key(user_id)
         self._check_writable("edit_user_data")
-        async with self._locks.hold(key):
+        async with self._hold(key, "edit_user_data"):
             data = await self._load_locked(key)
             yield data
             compact, stored = _encode_record(data, self._pretty)
-            await self._write_locked(key, compact, stored)
+            await self._write_locked(key, compact, stored, "edit_user_data")
 
     async def delete_user_data(self, user_id: int | str) -> bool:
         """Delete the user's record; True when there was one."""
         key = self._key(user_id)
         self._check_writable("delete_user_data")
         name = _file_name(key)
-        async with self._locks.hold(key):
+        async with self._hold(key, "delete_user_data"):
+            running = self._start_write("delete_user_data", _delete_sync, self._folder, name, self._durable)
             try:
-                existed = await _wait_in_thread(_delete_sync, self._folder, name, self._durable)
+                existed = await _wait_for_thread(running)
             finally:
                 self._forget(key)
             self._cache.put(key, None)
@@ -974,12 +1234,12 @@ class JASON:
         cached = self._cache.get(key)
         if cached is not _NOT_CACHED:
             return cached is not None
-        return await _wait_in_thread(_is_record_sync, os.path.join(self._folder, _file_name(key)))
+        return await _in_thread(_is_record_sync, os.path.join(self._folder, _file_name(key)))
 
     async def user_ids(self) -> list[str]:
         """Every stored user's id as a str, sorted; never a temp, lock or stray file."""
-        self._check_open()
-        return await _wait_in_thread(_list_user_keys_sync, self._folder)
+        self._enter()
+        return await _in_thread(_list_user_keys_sync, self._folder)
 
     # -------------------------------------------------- private helpers
 
@@ -987,11 +1247,22 @@ class JASON:
         if self._closed:
             raise JasonError(f"this JASON for {self._folder} is closed; open a new one")
 
-    def _key(self, user_id: object) -> str:
+    def _enter(self) -> None:
+        """Every public call starts here: the instance is open and used from one event loop."""
         self._check_open()
+        self._locks.check_loop(f"the JASON folder {self._folder}")
+
+    def _key(self, user_id: object) -> str:
+        self._enter()
         return _user_key(user_id)
 
     def _check_writable(self, operation: str) -> None:
+        """The one guard of every write: open, not readonly, not a forked copy of the writer."""
+        if self._closed:
+            raise JasonError(
+                f"{operation} refused: this JASON for {self._folder} was closed, so nothing was written; "
+                "open a new one"
+            )
         if self._readonly:
             raise ReadOnlyError(self._folder, operation)
         if os.getpid() != self._pid:
@@ -1000,6 +1271,29 @@ class JASON:
                 f"process {self._pid}, which opened this JASON before forking; "
                 "open a new JASON in this process",
             )
+
+    def _start_write(self, operation: str, func: Callable[..., _T], *args: Any) -> concurrent.futures.Future[_T]:
+        if self._shared is None:
+            raise ReadOnlyError(self._folder, operation)
+        return self._shared.start_write(self, operation, func, *args)
+
+    def _hold(self, key: str, operation: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The user's lock for a write; JasonError at once where waiting for it could never end."""
+        try:
+            self._locks.check_wait(key)
+        except _HeldByThisTask:
+            raise JasonError(
+                f"{operation}({key!r}) inside edit_user_data({key!r}) in the same task would wait for "
+                "itself forever; change the dict that edit_user_data gave you instead (it is saved when "
+                "the block ends)"
+            ) from None
+        except _WouldDeadlock as exc:
+            raise JasonError(
+                f"{operation}({key!r}) would deadlock: user {key!r} is held by a task that waits for user "
+                f"{exc.holder_waits_for!r}, which this task holds. Nothing was changed; edit one user at "
+                "a time, or nest edits of several users in the same order everywhere"
+            ) from None
+        return self._locks.hold(key)
 
     def _decode(self, raw: bytes | None) -> dict[str, Any]:
         if raw is None:
@@ -1016,14 +1310,15 @@ class JASON:
         name = _file_name(key)
         path = os.path.join(self._folder, name)
         try:
-            raw = await _wait_in_thread(_read_record_sync, path)
+            raw = await _in_thread(_read_record_sync, path)
             data = None if raw is None else _parse_record(raw, path)
         except CorruptDataError as exc:
             if not self._quarantine:
                 raise
-            moved_to = await _wait_in_thread(_quarantine_sync, self._folder, name, self._durable)
-            _log.warning("%s; moved it to %s and started user %r afresh from the default structure",
-                         exc, moved_to, key)
+            running = self._start_write("quarantine", _quarantine_sync, self._folder, name, self._durable)
+            moved_to = await _wait_for_thread(running)
+            _log.warning("corrupt record %s (%s): moved it to %s and started user %r afresh from the "
+                         "default structure", exc.path, exc.reason, moved_to, key)
             data = None
         if data is None:
             self._cache.put(key, None)
@@ -1032,10 +1327,23 @@ class JASON:
         _merge_defaults(data, self._defaults)
         return data
 
-    async def _write_locked(self, key: str, compact: bytes, stored: bytes) -> None:
+    async def _read_unlocked(self, key: str) -> dict[str, Any]:
+        """The stored record, read without the user's lock: nothing is cached or quarantined."""
+        path = os.path.join(self._folder, _file_name(key))
+        raw = await _in_thread(_read_record_sync, path)
+        if raw is None:
+            return self._decode(None)
+        data = _parse_record(raw, path)
+        _merge_defaults(data, self._defaults)
+        return data
+
+    async def _write_locked(self, key: str, compact: bytes, stored: bytes, operation: str) -> None:
         name = _file_name(key)
+        running = self._start_write(
+            operation, _write_atomic_sync, self._folder, name, stored, self._durable, self._folder_sync
+        )
         try:
-            await _wait_in_thread(_write_atomic_sync, self._folder, name, stored, self._durable, self._folder_sync)
+            await _wait_for_thread(running)
         finally:
             # Other instances' copies are stale either way; so is ours if the
             # write failed, when the disk may hold the old or the new record.
