@@ -31,7 +31,7 @@ import unicodedata
 import unittest
 import zipfile
 from collections.abc import Iterator
-from typing import Callable, ClassVar
+from typing import Awaitable, Callable, ClassVar
 from unittest import mock
 
 import jason
@@ -150,6 +150,10 @@ class ConstructionTest(FolderMixin):
                                ({1: "a"}, TypeError), (["not", "a", "dict"], TypeError)]:
             with self.subTest(default=default), self.assertRaises(error):
                 JASON(self.folder, default)
+
+    async def test_a_bad_default_structure_is_named_in_the_error(self) -> None:
+        with self.assertRaisesRegex(TypeError, r"cannot store default_structure\['when'\]"):
+            JASON(self.folder, {"when": object()})
 
     async def test_bad_cache_size_is_refused(self) -> None:
         for size, error in [(-1, ValueError), ("10", TypeError), (True, TypeError), (1.5, TypeError)]:
@@ -331,6 +335,65 @@ class SaveTest(FolderMixin):
             synced.clear()
             await self.open_db(durable=False, cache_size=0).save_user_data(2, {"a": 1})
             self.assertEqual(synced, [])
+
+    @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "needs /proc to name the fsynced folders")
+    async def test_a_durable_open_fsyncs_the_folders_it_creates_and_their_parents(self) -> None:
+        synced: list[str] = []
+        real_fsync = os.fsync
+
+        def recording_fsync(fd: int) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real_fsync(fd)
+
+        top = os.path.realpath(self._tmp.name)
+        with mock.patch("os.fsync", recording_fsync):
+            self._opened.append(JASON(os.path.join(top, "a", "b", "c")))
+            self.assertEqual(set(synced), {top, *(os.path.join(top, *parts) for parts in ("a", "ab", "abc"))})
+            synced.clear()
+            self._opened.append(JASON(os.path.join(top, "fast", "x"), durable=False))
+            self.assertEqual(synced, [])
+
+    @unittest.skipIf(sys.platform == "win32", "POSIX permission bits")
+    async def test_a_save_keeps_the_record_permissions(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        umask = os.umask(0)
+        os.umask(umask)
+        self.assertEqual(os.stat(self.path(1)).st_mode & 0o777, 0o666 & ~umask)  # a new record: the umask
+        os.chmod(self.path(1), 0o600)
+        await self.db.save_user_data(1, {"secret": True})
+        self.assertEqual(os.stat(self.path(1)).st_mode & 0o777, 0o600)
+
+    async def test_subclasses_that_hide_their_contents_are_stored_as_they_really_are(self) -> None:
+        """The check reads what the serialiser writes, so both back-ends store the same data."""
+
+        class HidingDict(dict):  # type: ignore[type-arg]
+            def items(self):  # type: ignore[no-untyped-def]
+                return [("shown", 1)]
+
+            def __iter__(self):  # type: ignore[no-untyped-def]
+                return iter(["shown"])
+
+        class HidingList(list):  # type: ignore[type-arg]
+            def __iter__(self):  # type: ignore[no-untyped-def]
+                return iter([1])
+
+        class LyingInt(int):
+            def __le__(self, other: object) -> bool:
+                return True
+
+            def __ge__(self, other: object) -> bool:
+                return True
+
+        for data, error in [({"d": HidingDict(nan=float("nan"))}, ValueError),
+                            ({"l": HidingList([float("inf")])}, ValueError),
+                            ({"i": LyingInt(2**70)}, ValueError),
+                            ({"d": HidingDict({1: "x"})}, TypeError)]:
+            with self.subTest(data=data), self.assertRaises(error):
+                await self.db.save_user_data(1, data)
+        self.assertFalse(os.path.exists(self.path(1)))
+        await self.db.save_user_data(1, {"d": HidingDict(real=2), "l": HidingList([3, 4]), "i": LyingInt(5)})
+        self.assertEqual(read_bytes(self.path(1)), b'{"d":{"real":2},"l":[3,4],"i":5}')
+        self.assertEqual(await self.db.load_user_data(1), {**DEFAULT, "d": {"real": 2}, "l": [3, 4], "i": 5})
 
     async def test_short_writes_still_store_the_whole_record(self) -> None:
         real_write = os.write
@@ -721,6 +784,7 @@ class QuarantineTest(FolderMixin):
                 self.assertTrue(moved[0].startswith("victim.json" + jason.QUARANTINE_MARK), moved)
                 self.assertEqual(read_bytes(os.path.join(self.folder, moved[0])), content)
                 self.assertIn(moved[0], logs.output[0])
+                self.assertNotIn("left the file as it is", logs.output[0])  # it was moved, and says so
                 self.assertFalse(os.path.exists(self.path("victim")))
                 self.assertEqual(await db.user_ids(), ["neighbour"])
         await db.save_user_data("victim", {"fresh": 1})
@@ -1128,6 +1192,328 @@ class ForkTest(unittest.TestCase):
             self.assertIn("DatabaseLockedError", result.stderr, "the child's exit released the parent's lock")
             self.assertEqual(asyncio.run(db.load_user_data(1)), {"parent": 2})
             asyncio.run(db.close())
+
+    def test_a_forked_child_never_quarantines_its_parents_records(self) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            db = JASON(folder, on_corrupt="quarantine", cache_size=0)
+            corrupt = os.path.join(folder, "1.json")
+            with open(corrupt, "wb") as file:
+                file.write(b"{not json")
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    asyncio.run(db.load_user_data(1))
+                    outcome = "loaded"
+                except DatabaseLockedError:
+                    outcome = "refused"
+                except BaseException as exc:
+                    outcome = repr(exc)
+                os.write(write_end, outcome.encode())
+                os._exit(0)
+            os.close(write_end)
+            os.waitpid(pid, 0)
+            with os.fdopen(read_end) as pipe:
+                self.assertEqual(pipe.read(), "refused")
+            self.assertEqual(read_bytes(corrupt), b"{not json")
+            self.assertEqual([name for name in os.listdir(folder) if jason.QUARANTINE_MARK in name], [])
+            asyncio.run(db.close())
+
+
+# ---------------------------------------------------------------- closing, re-entry, loops, lock file
+
+
+@contextlib.contextmanager
+def gated(function: str, selects: Callable[[tuple[object, ...]], bool],
+          then_raise: int | None = None) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """Make os.<function> wait, on the calls that selects() picks, until the test opens the gate.
+
+    Yields (entered, gate): entered is set once such a call is waiting; then the
+    call goes on, or raises OSError(then_raise) when that is given.
+    """
+    real = getattr(os, function)
+    entered, gate = threading.Event(), threading.Event()
+
+    def fake(*args: object, **kwargs: object) -> object:
+        if selects(args):
+            entered.set()
+            if not gate.wait(CHILD_TIMEOUT):
+                raise AssertionError("the gate was never opened")
+            if then_raise is not None:
+                raise OSError(then_raise, os.strerror(then_raise))
+        return real(*args, **kwargs)
+
+    with mock.patch(f"os.{function}", fake):
+        try:
+            yield entered, gate
+        finally:
+            gate.set()
+
+
+async def wait_for_event(event: threading.Event) -> None:
+    """Wait for a threading.Event without blocking the loop (bounded by CHILD_TIMEOUT)."""
+    if not await asyncio.to_thread(event.wait, CHILD_TIMEOUT):
+        raise AssertionError("the event never came")
+
+
+def rendezvous(parties: int) -> Callable[[], Awaitable[None]]:
+    """An awaitable that returns once `parties` tasks are all waiting on it (asyncio.Barrier before 3.11)."""
+    arrived = [0]
+    everyone = asyncio.Event()
+
+    async def wait() -> None:
+        arrived[0] += 1
+        if arrived[0] == parties:
+            everyone.set()
+        await everyone.wait()
+
+    return wait
+
+
+def renames_into_folder(args: tuple[object, ...]) -> bool:
+    return os.path.basename(str(args[0])).startswith(jason.TEMP_PREFIX)
+
+
+class CloseTest(FolderMixin):
+    """close() leaves no write behind it: writes under way land first, later ones are refused."""
+
+    async def test_close_waits_for_a_write_under_way_before_releasing_the_lock(self) -> None:
+        await self.db.save_user_data(1, {"v": "old"})
+        with gated("replace", renames_into_folder) as (entered, gate):
+            save = asyncio.create_task(self.db.save_user_data(1, {"v": "new"}))
+            await wait_for_event(entered)
+            asyncio.get_running_loop().call_later(0.2, gate.set)
+            await self.db.close()
+            # close() returned: the write has landed, so a writer opened now cannot be overwritten.
+            self.assertTrue(gate.is_set(), "close() returned while a write was still under way")
+            self.assertEqual(json.loads(read_bytes(self.path(1))), {"v": "new"})
+        await save
+        async with JASON(self.folder) as next_writer:
+            await next_writer.save_user_data(1, {"v": "next"})
+            self.assertEqual(await next_writer.load_user_data(1), {"v": "next"})
+
+    async def test_an_edit_open_at_close_fails_and_writes_nothing(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        with self.assertRaisesRegex(JasonError, r"edit_user_data refused: .* was closed, so nothing was written"):
+            async with self.db.edit_user_data(1) as data:
+                data["challenge_balance"] = 99
+                await self.db.close()
+        self.assertEqual(json.loads(read_bytes(self.path(1))), RECORD)
+        self.assertEqual(temp_files(self.folder), [])
+        result = run_child(f"import jason; jason.JASON({self.folder!r}); print('opened')")
+        self.assertEqual(result.stdout.strip(), "opened", result.stderr)  # the lock was released
+
+    async def test_a_save_waiting_for_its_user_at_close_writes_nothing(self) -> None:
+        await self.db.save_user_data(1, RECORD)
+        edit_open, save_waiting = asyncio.Event(), asyncio.Event()
+
+        async def edit_then_close() -> None:
+            async with self.db.edit_user_data(1):
+                edit_open.set()
+                await save_waiting.wait()
+                await self.db.close()
+
+        closing = asyncio.create_task(edit_then_close())
+        await edit_open.wait()
+        save_waiting.set()  # the save below runs up to its wait for user 1 before the edit task resumes
+        with self.assertRaisesRegex(JasonError, "save_user_data refused"):
+            await self.db.save_user_data(1, {"late": True})
+        with self.assertRaisesRegex(JasonError, "edit_user_data refused"):
+            await closing
+        self.assertEqual(json.loads(read_bytes(self.path(1))), RECORD)
+
+    async def test_a_cancelled_save_whose_write_fails_logs_nothing(self) -> None:
+        """Errors surface once, to the caller: no 'Future exception was never retrieved'."""
+        reported: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        with gated("replace", renames_into_folder, then_raise=errno.EIO) as (entered, gate):
+            save = asyncio.create_task(self.db.save_user_data(1, RECORD))
+            await wait_for_event(entered)
+            save.cancel()
+            gate.set()
+            with self.assertRaises(asyncio.CancelledError):
+                await save
+        gc.collect()
+        await asyncio.sleep(0)
+        self.assertEqual(reported, [])
+        self.assertEqual(temp_files(self.folder), [])
+        self.assertFalse(await self.db.user_exists(1))
+
+
+class ReentryTest(FolderMixin):
+    """Calls inside edit_user_data never hang: they work, or raise JasonError at once."""
+
+    async def asyncSetUp(self) -> None:
+        await super().asyncSetUp()
+        self.db = self.open_db(cache_size=0)  # uncached: every call goes to the lock and the disk
+        await self.db.save_user_data(1, RECORD)
+
+    async def test_calls_on_the_user_being_edited_work_or_raise_at_once(self) -> None:
+        async def inside_the_edit() -> None:
+            async with self.db.edit_user_data(1) as data:
+                data["challenge_balance"] = 6
+                self.assertEqual(await self.db.load_user_data(1), RECORD)  # as stored before the edit
+                self.assertTrue(await self.db.user_exists(1))
+                for call in (lambda: self.db.save_user_data(1, {}), lambda: self.db.delete_user_data(1)):
+                    with self.assertRaisesRegex(JasonError, "inside edit_user_data.* in the same task"):
+                        await call()
+                with self.assertRaisesRegex(JasonError, "would wait for itself forever"):
+                    async with self.db.edit_user_data(1):
+                        pass
+
+        await asyncio.wait_for(inside_the_edit(), CHILD_TIMEOUT)
+        self.assertEqual((await self.db.load_user_data(1))["challenge_balance"], 6)
+
+    async def test_nested_edits_of_two_users_in_opposite_orders_raise_instead_of_deadlocking(self) -> None:
+        both_hold = rendezvous(2)
+        outcomes: dict[str, str] = {}
+
+        async def transfer(name: str, first: int, second: int) -> None:
+            try:
+                async with self.db.edit_user_data(first) as giver:
+                    await both_hold()
+                    async with self.db.edit_user_data(second) as taker:
+                        giver["challenge_balance"] -= 1
+                        taker["challenge_balance"] += 1
+                outcomes[name] = "done"
+            except JasonError as exc:
+                outcomes[name] = str(exc)
+
+        await self.db.save_user_data(2, RECORD)
+        await asyncio.wait_for(asyncio.gather(transfer("a", 1, 2), transfer("b", 2, 1)), CHILD_TIMEOUT)
+        self.assertEqual(sorted(outcome == "done" for outcome in outcomes.values()), [False, True], outcomes)
+        refused = next(outcome for outcome in outcomes.values() if outcome != "done")
+        self.assertIn("would deadlock", refused)
+        balances = [(await self.db.load_user_data(user))["challenge_balance"] for user in (1, 2)]
+        self.assertEqual(sorted(balances), [4, 6])  # one transfer, whole; the refused one changed nothing
+
+    async def test_loads_across_two_edits_read_without_deadlocking(self) -> None:
+        await self.db.save_user_data(2, {**RECORD, "challenge_balance": 7})
+        both_hold = rendezvous(2)
+
+        async def peek(mine: int, other: int) -> int:
+            async with self.db.edit_user_data(mine) as data:
+                await both_hold()
+                data["seen"] = (await self.db.load_user_data(other))["challenge_balance"]
+                return int(data["seen"])
+
+        seen = await asyncio.wait_for(asyncio.gather(peek(1, 2), peek(2, 1)), CHILD_TIMEOUT)
+        self.assertEqual(seen, [7, 5])
+
+    async def test_edits_of_different_users_may_nest(self) -> None:
+        async with self.db.edit_user_data(1) as first, self.db.edit_user_data(2) as second:
+            first["challenge_balance"] = 0
+            second["challenge_balance"] = 10
+        self.assertEqual((await self.db.load_user_data(2))["challenge_balance"], 10)
+
+
+class EventLoopsTest(unittest.TestCase):
+    """Two threads, each with its own loop, on one folder: refused clearly, never a hang or a lost update."""
+
+    def test_a_second_loop_running_at_once_is_refused_and_no_update_is_lost(self) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            first_running, second_tried = threading.Event(), threading.Event()
+            errors: list[BaseException] = []
+            counts: list[int] = []
+
+            async def first() -> None:
+                async with JASON(folder) as db:
+                    async def add_one() -> None:
+                        async with db.edit_user_data("n") as data:
+                            data["n"] = data.get("n", 0) + 1
+
+                    await add_one()
+                    first_running.set()
+                    await asyncio.to_thread(second_tried.wait, CHILD_TIMEOUT)
+                    await asyncio.gather(*(add_one() for _ in range(199)))
+                    counts.append((await db.load_user_data("n"))["n"])
+
+            async def second() -> None:
+                await asyncio.to_thread(first_running.wait, CHILD_TIMEOUT)
+                db = JASON(folder)
+                try:
+                    async with db.edit_user_data("n") as data:
+                        data["n"] = -1000
+                except JasonError as exc:
+                    errors.append(exc)
+                finally:
+                    second_tried.set()
+                    await db.close()
+
+            threads = [threading.Thread(target=asyncio.run, args=(job(),)) for job in (first, second)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(CHILD_TIMEOUT)
+                self.assertFalse(thread.is_alive(), "a thread hung")
+            self.assertEqual(counts, [200])
+            self.assertEqual(len(errors), 1)
+            self.assertIn("event loop running in another thread", str(errors[0]))
+
+    def test_constructors_racing_in_threads_share_one_writer_lock(self) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            start = threading.Barrier(8)
+            opened: list[JASON] = []
+            errors: list[BaseException] = []
+
+            def open_one() -> None:
+                start.wait(CHILD_TIMEOUT)
+                try:
+                    opened.append(JASON(folder))
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=open_one) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(CHILD_TIMEOUT)
+            self.assertEqual(errors, [])
+            self.assertEqual(len(opened), 8)
+
+            async def close_all() -> None:
+                for db in opened:
+                    await db.close()
+
+            asyncio.run(close_all())
+            result = run_child(f"import jason; jason.JASON({folder!r}); print('opened')")
+            self.assertEqual(result.stdout.strip(), "opened", result.stderr)
+
+
+class LockFileTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="jason-lock-")
+        self.folder = self._tmp.name
+        self.lock_path = os.path.join(self.folder, jason.LOCK_FILE_NAME)
+
+    def tearDown(self) -> None:
+        self._tmp.cleanup()
+
+    @unittest.skipIf(sys.platform == "win32", "symbolic links need privileges on Windows")
+    def test_a_symlinked_lock_file_is_never_followed(self) -> None:
+        elsewhere = tempfile.TemporaryDirectory(prefix="jason-elsewhere-")
+        self.addCleanup(elsewhere.cleanup)
+        outside = os.path.join(elsewhere.name, "precious.txt")
+        with open(outside, "wb") as file:
+            file.write(b"precious")
+        with open(os.path.join(self.folder, "42.json"), "wb") as file:
+            file.write(b'{"user": 42}')
+        for target in ("42.json", outside):
+            with self.subTest(target=target):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.lock_path)
+                os.symlink(target, self.lock_path)
+                with self.assertRaisesRegex(JasonError, "symbolic link"):
+                    JASON(self.folder)
+        self.assertEqual(read_bytes(os.path.join(self.folder, "42.json")), b'{"user": 42}')
+        self.assertEqual(read_bytes(outside), b"precious")
+
+    def test_a_failed_lock_file_write_does_not_keep_the_folder_locked(self) -> None:
+        with failing("ftruncate", lambda args: True, errno.ENOSPC), self.assertRaises(OSError) as caught:
+            JASON(self.folder)
+        self.assertEqual(caught.exception.errno, errno.ENOSPC)
+        db = JASON(self.folder)  # the same process, at once: the failed attempt left no lock behind
+        asyncio.run(db.close())
 
 
 # ---------------------------------------------------------------- durability: syscalls and power cuts
