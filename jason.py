@@ -52,7 +52,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Final, Literal, NoReturn, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -1429,11 +1429,31 @@ class _CommandError(Exception):
     """A command's failure, reported as one line on stderr with exit status 1."""
 
 
+class _Interrupted(Exception):
+    """Ctrl-C during a command, with what it had done: one line on stderr, exit status 130."""
+
+
+class _UsageError(Exception):
+    """A mistake in the command's words: usage, the error and a hint on stderr, exit status 2."""
+
+
+_COMMANDS: Final = ("ls", "get", "set", "rm", "check", "export", "import", "stats", "upgrade")
+_READ_ONLY_COMMANDS: Final = "ls, get, check, export and stats"
+# Users saved at once by import: enough for their fsyncs to overlap.
+_IMPORT_CONCURRENCY: Final = 64
+
+
 def _open_folder(folder: str, *, write: bool = False, create: bool = False) -> JASON:
     """Open folder for a command; a missing folder is an error unless create is set."""
     if not create and not os.path.isdir(os.path.expanduser(folder)):
         raise _CommandError(f"no JASON folder at {folder}")
-    return JASON(folder, readonly=not write)
+    try:
+        return JASON(folder, readonly=not write)
+    except DatabaseLockedError as exc:  # the library's advice (readonly=True) means nothing here
+        raise _CommandError(
+            f"{exc.folder} is open for writing by {exc.holder}; stop it first "
+            f"(the read-only commands {_READ_ONLY_COMMANDS} work beside it)"
+        ) from None
 
 
 def _command_key(text: str) -> str:
@@ -1487,26 +1507,19 @@ def _cmd_get(args: Any) -> int:
 def _cmd_set(args: Any) -> int:
     key = _command_key(args.user_id)
     try:
-        data = _loads(sys.stdin.buffer.read())
+        data = _loads_input(sys.stdin.buffer.read())
     except ValueError as exc:
         raise _CommandError(f"stdin is not valid JSON: {_json_error_position(exc)}") from None
     if not isinstance(data, dict):
         raise _CommandError(f"stdin holds a JSON {type(data).__name__}; a record must be a JSON object")
     db = _open_folder(args.folder, write=True)
-    asyncio.run(_save_then_close(db, [(key, data)]))
+
+    async def save() -> None:
+        async with db:
+            await db.save_user_data(key, data)
+
+    asyncio.run(save())
     return 0
-
-
-async def _save_then_close(db: JASON, records: list[tuple[str, dict[str, Any]]]) -> None:
-    """Save records, up to 64 at a time so their fsyncs overlap, then close db."""
-    async with db:
-        limit = asyncio.Semaphore(64)
-
-        async def save(key: str, data: dict[str, Any]) -> None:
-            async with limit:
-                await db.save_user_data(key, data)
-
-        await asyncio.gather(*(save(key, data) for key, data in records))
 
 
 def _cmd_rm(args: Any) -> int:
@@ -1522,8 +1535,48 @@ def _cmd_rm(args: Any) -> int:
     return 0
 
 
+def _process_alive(pid: int) -> bool:
+    if sys.platform == "win32":  # Windows: no cheap probe; assume it runs, which only hides young temp files
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _live_writer_since_sync(folder: str) -> float | None:
+    """When the writer named in the lock file is running: the time it took the lock. Else None.
+
+    The lock file is not locked to find out (a bot starting at that moment
+    would be refused); its pid is probed instead. The writer rewrites the file
+    when it takes the lock, so its mtime says when that was.
+    """
+    path = os.path.join(folder, LOCK_FILE_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW | _O_NONBLOCK)
+    except OSError:
+        return None  # no lock file: no writer has ever opened the folder
+    try:
+        info = os.fstat(fd)
+        text = os.read(fd, 32).strip() if stat.S_ISREG(info.st_mode) else b""
+    finally:
+        os.close(fd)
+    if not text.isdigit() or not _process_alive(int(text)):
+        return None
+    return info.st_mtime
+
+
 def _classify_entries_sync(folder: str) -> tuple[int, list[tuple[str, str, str]]]:
-    """Scan folder: the number of sound records, and (kind, path, detail) for everything else."""
+    """Scan folder: the number of sound records, and (kind, path, detail) for everything else.
+
+    Safe beside a running bot: a temp file made since its writer took the lock
+    may be a save in progress, and is not reported; files that vanish while
+    the scan runs were a save's or a delete's, and are skipped.
+    """
+    writer_since = _live_writer_since_sync(folder)
     sound = 0
     problems = []
     with os.scandir(folder) as entries:
@@ -1534,13 +1587,18 @@ def _classify_entries_sync(folder: str) -> tuple[int, list[tuple[str, str, str]]
         if name in (LOCK_FILE_NAME, UPGRADE_MARKER_NAME):
             continue
         if name.startswith(TEMP_PREFIX):
-            problems.append(("temp", path, "left by an interrupted save"))
+            try:
+                made = os.lstat(path).st_mtime
+            except FileNotFoundError:
+                continue
+            if writer_since is None or made < writer_since:
+                problems.append(("temp", path, "left by an interrupted save"))
         elif QUARANTINE_MARK in name:
             problems.append(("quarantined", path, "a corrupt record moved aside"))
         elif key is not None:
             try:
-                _read_stored_record(folder, key)
-                sound += 1
+                if _read_stored_record(folder, key) is not None:
+                    sound += 1
             except CorruptDataError as exc:
                 problems.append(("corrupt", path, exc.reason))
         elif name.endswith(RECORD_SUFFIX):
@@ -1559,6 +1617,7 @@ def _cmd_check(args: Any) -> int:
                 os.unlink(path)
                 print(f"removed: {path}")
         problems = [problem for problem in problems if problem[0] != "temp"]
+        asyncio.run(db.close())
     for kind, path, detail in problems:
         print(f"{kind}: {path}: {detail}")
     counts = {kind: sum(1 for problem in problems if problem[0] == kind)
@@ -1580,16 +1639,33 @@ class _Progress:
             sys.stderr.write(f"\r{self.verb} {done} of {self.total} users")
             sys.stderr.flush()
 
-    def finish(self, where: str) -> None:
-        sys.stderr.write(f"{chr(13) if self.shown else ''}{self.verb} {self.total} users {where}\n")
+    def finish(self, done: int, where: str) -> None:
+        sys.stderr.write(f"{chr(13) if self.shown else ''}{self.verb} {done} users {where}\n")
 
 
-def _exported_records(folder: str, keys: list[str], progress: _Progress) -> Iterator[tuple[str, dict[str, Any]]]:
-    for done, key in enumerate(keys, 1):
-        data = _read_stored_record(folder, key)
-        if data is not None:  # deleted since the listing
-            yield key, data
-        progress.update(done)
+class _ExportRun:
+    """The records of an export, read one at a time; corrupt ones are reported and left out."""
+
+    def __init__(self, folder: str, keys: list[str]) -> None:
+        self.folder = folder
+        self.keys = keys
+        self.progress = _Progress("exported", len(keys))
+        self.exported = 0
+        self.corrupt = 0
+
+    def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for done, key in enumerate(self.keys, 1):
+            try:
+                data = _read_stored_record(self.folder, key)
+            except CorruptDataError as exc:
+                self.corrupt += 1
+                print(f"{chr(13) if self.progress.shown else ''}corrupt, left out: {exc.path}: {exc.reason}",
+                      file=sys.stderr)
+                data = None
+            if data is not None:  # None: deleted since the listing
+                self.exported += 1
+                yield key, data
+            self.progress.update(done)
 
 
 def _write_jsonl(out: Any, records: Iterator[tuple[str, dict[str, Any]]]) -> None:
@@ -1615,93 +1691,232 @@ def _write_sqlite(path: str, records: Iterator[tuple[str, dict[str, Any]]]) -> N
         connection.close()
 
 
+_FORMAT_BY_SUFFIX: Final = {".jsonl": "jsonl", ".ndjson": "jsonl", ".sqlite": "sqlite", ".sqlite3": "sqlite",
+                            ".db": "sqlite"}
+
+
+def _export_format(out: str, given: str | None) -> str:
+    if given is not None:
+        return given
+    if out == "-":
+        return "jsonl"
+    inferred = _FORMAT_BY_SUFFIX.get(os.path.splitext(out)[1].lower())
+    if inferred is None:
+        raise _CommandError(f"cannot tell the format from the name {out}: name it .jsonl or .sqlite, "
+                            "or add --format jsonl or --format sqlite")
+    return inferred
+
+
 def _cmd_export(args: Any) -> int:
+    export_format = _export_format(args.out, args.format)
     db = _open_folder(args.folder)
-    keys = _list_user_keys_sync(db.folder)
-    progress = _Progress("exported", len(keys))
-    records = _exported_records(db.folder, keys, progress)
+    run = _ExportRun(db.folder, _list_user_keys_sync(db.folder))
     if args.out == "-":
-        if args.format == "sqlite":
+        if export_format == "sqlite":
             raise _CommandError("a SQLite export needs a file name, not -")
-        _write_jsonl(sys.stdout.buffer, records)
-        sys.stdout.flush()
-        progress.finish("to stdout")
-        return 0
-    # Write beside OUT and rename at the end, so a failed export never leaves half a file as OUT.
-    out = os.path.abspath(args.out)
-    temp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{secrets.token_hex(4)}.partial")
-    try:
-        if args.format == "jsonl":
-            with open(temp, "xb") as file:
-                _write_jsonl(file, records)
-        else:
-            _write_sqlite(temp, records)
-        os.replace(temp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-    progress.finish(f"to {out}")
+        try:
+            _write_jsonl(sys.stdout.buffer, run.records())
+            sys.stdout.flush()
+        except KeyboardInterrupt:
+            raise _Interrupted(f"interrupted after {run.exported} users: the export on stdout is incomplete") from None
+        where = "to stdout"
+    else:
+        # Write beside OUT and rename at the end, so a failed export never leaves half a file as OUT.
+        out = os.path.abspath(args.out)
+        temp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{secrets.token_hex(4)}.partial")
+        try:
+            if export_format == "jsonl":
+                with open(temp, "xb") as file:
+                    _write_jsonl(file, run.records())
+            else:
+                _write_sqlite(temp, run.records())
+            os.replace(temp, out)
+        except KeyboardInterrupt:
+            raise _Interrupted(f"interrupted: {out} was not written") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        where = f"to {out}"
+    run.progress.finish(run.exported, where)
+    if run.corrupt:
+        raise _CommandError(f"{run.corrupt} corrupt records were left out of the export (listed above); "
+                            "repair or restore them, then export again")
     return 0
 
 
-def _read_import_file(source: Any, name: str) -> list[tuple[str, dict[str, Any]]]:
-    """Every (key, data) of a JSONL export, all checked before anything is written."""
-    records: list[tuple[str, dict[str, Any]]] = []
-    first_line: dict[str, int] = {}
-    for line_number, line in enumerate(source, 1):
-        if not line.strip():
-            continue
-        where = f"{name} line {line_number}"
-        try:
-            document = _loads(line)
-        except ValueError as exc:
-            raise _CommandError(f"{where}: not valid JSON: {_json_error_position(exc)}") from None
+_SQLITE_MAGIC: Final = b"SQLite format 3\x00"
+
+
+class _ImportFile:
+    """Every (key, data) of an export file, all checked before anything is written."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.records: list[tuple[str, dict[str, Any]]] = []
+        self._first_seen: dict[str, str] = {}
+
+    def add(self, document: object, position: str) -> None:
+        where = f"{self.name} {position}"
         if not (isinstance(document, dict) and "user_id" in document and isinstance(document.get("data"), dict)):
             raise _CommandError(f'{where}: expected {{"user_id": ..., "data": {{...}}}}')
         try:
             key = _command_key(document["user_id"])
-            _check_storable(document["data"])
+            data = _check_storable(document["data"])
         except (TypeError, ValueError) as exc:
             raise _CommandError(f"{where}: {exc}") from None
-        if key in first_line:
-            raise _CommandError(f"{where}: user {_shown_id(key)} is already on line {first_line[key]}")
-        first_line[key] = line_number
-        records.append((key, document["data"]))
-    return records
+        if key in self._first_seen:
+            raise _CommandError(f"{where}: user {_shown_id(key)} is already on {self._first_seen[key]}")
+        self._first_seen[key] = position
+        self.records.append((key, data))
+
+    def read_jsonl(self, source: Any) -> None:
+        for line_number, line in enumerate(source, 1):
+            if not line.strip():
+                continue
+            try:
+                document = _loads_input(line)
+            except ValueError as exc:
+                raise _CommandError(
+                    f"{self.name} line {line_number}: not valid JSON: {_json_error_position(exc)}"
+                ) from None
+            self.add(document, f"line {line_number}")
+
+    def read_sqlite(self, path: str) -> None:
+        import sqlite3
+
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            try:
+                rows = connection.execute("SELECT user_id, data FROM users ORDER BY rowid").fetchall()
+            except sqlite3.OperationalError as exc:
+                raise _CommandError(f"{self.name}: not a JASON export ({exc}); export writes a table "
+                                    "users(user_id, data)") from None
+        finally:
+            connection.close()
+        for row_number, (user_id, text) in enumerate(rows, 1):
+            try:
+                raw = text.encode("utf-8") if isinstance(text, str) else text if isinstance(text, bytes) else b""
+                data = _loads_input(raw)
+            except (ValueError, TypeError) as exc:
+                raise _CommandError(f"{self.name} row {row_number}: data is not valid JSON: {exc}") from None
+            self.add({"user_id": user_id, "data": data}, f"row {row_number}")
+
+
+def _read_import_file(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """The records of a JSONL or SQLite export (told apart by the SQLite header), or of stdin for -."""
+    if path == "-":
+        source = _ImportFile("stdin")
+        source.read_jsonl(sys.stdin.buffer)
+        return source.records
+    source = _ImportFile(path)
+    with open(path, "rb") as file:
+        if file.read(len(_SQLITE_MAGIC)) == _SQLITE_MAGIC:
+            source.read_sqlite(path)
+        else:
+            file.seek(0)
+            source.read_jsonl(file)
+    return source.records
+
+
+def _plan_import_sync(folder: str, records: list[tuple[str, dict[str, Any]]]) -> \
+        tuple[list[tuple[str, dict[str, Any]]], int, list[str]]:
+    """(records to save, how many are stored already as they are, ids stored with other data).
+
+    A user already stored with exactly the imported data is skipped: so an
+    interrupted import can simply be run again.
+    """
+    existing = set(_list_user_keys_sync(folder))
+    to_save, same, clashes = [], 0, []
+    for key, data in records:
+        if key in existing:
+            try:
+                if _read_stored_record(folder, key) == data:
+                    same += 1
+                    continue
+            except CorruptDataError:
+                pass  # a corrupt record differs from anything imported
+            clashes.append(key)
+        to_save.append((key, data))
+    return to_save, same, clashes
+
+
+class _ImportRun:
+    """Saves records, up to _IMPORT_CONCURRENCY at a time; stops starting new ones at the first failure."""
+
+    def __init__(self, db: JASON, records: list[tuple[str, dict[str, Any]]]) -> None:
+        self.db = db
+        self.records = records
+        self.progress = _Progress("imported", len(records))
+        self.saved = 0
+        self.failure: tuple[str, Exception] | None = None
+
+    async def run(self) -> None:
+        async with self.db:
+            pending = iter(self.records)  # shared: each record goes to exactly one worker
+
+            async def worker() -> None:
+                for key, data in pending:
+                    if self.failure is not None:
+                        return
+                    try:
+                        await self.db.save_user_data(key, data)
+                    except Exception as exc:  # reported once, by the command, with how far it got
+                        if self.failure is None:
+                            self.failure = (key, exc)
+                        return
+                    self.saved += 1
+                    self.progress.update(self.saved)
+
+            await asyncio.gather(*(worker() for _ in range(_IMPORT_CONCURRENCY)))
 
 
 def _cmd_import(args: Any) -> int:
-    if args.file == "-":
-        records = _read_import_file(sys.stdin.buffer, "stdin")
-    else:
-        with open(args.file, "rb") as file:
-            records = _read_import_file(file, args.file)
+    records = _read_import_file(args.file)
     db = _open_folder(args.folder, write=True, create=True)
-    if not args.overwrite:
-        existing = set(_list_user_keys_sync(db.folder))
-        clashes = [key for key, _ in records if key in existing]
-        if clashes:
-            asyncio.run(db.close())
+    try:
+        to_save, same, clashes = _plan_import_sync(db.folder, records)
+        if clashes and not args.overwrite:
             shown = ", ".join(_shown_id(key) for key in clashes[:5]) + (", ..." if len(clashes) > 5 else "")
             raise _CommandError(
-                f"{len(clashes)} users already exist ({shown}); nothing was imported. "
+                f"{len(clashes)} users already exist with other data ({shown}); nothing was imported. "
                 "Use --overwrite to replace them"
             )
-    asyncio.run(_save_then_close(db, records))
-    print(f"imported {len(records)} users into {db.folder}", file=sys.stderr)
+    except BaseException:
+        asyncio.run(db.close())
+        raise
+    run = _ImportRun(db, to_save)
+    rerun = "run the same command again to import the rest (users already imported are skipped)"
+    try:
+        asyncio.run(run.run())
+    except KeyboardInterrupt:
+        raise _Interrupted(f"interrupted after importing {run.saved} of {len(to_save)} users; {rerun}") from None
+    if run.failure is not None:
+        key, exc = run.failure
+        raise _CommandError(f"imported {run.saved} of {len(to_save)} users, then user {_shown_id(key)} failed: "
+                            f"{exc}; {rerun}")
+    already = f" ({same} already there, unchanged)" if same else ""
+    run.progress.finish(run.saved, f"into {db.folder}{already}")
     return 0
 
 
 def _cmd_stats(args: Any) -> int:
     db = _open_folder(args.folder)
-    keys = _list_user_keys_sync(db.folder)
-    sizes = {key: os.lstat(os.path.join(db.folder, _file_name(key))).st_size for key in keys}
+    sizes: dict[str, int] = {}
+    folder_bytes = 0
     with os.scandir(db.folder) as entries:
-        folder_bytes = sum(entry.stat(follow_symlinks=False).st_size for entry in entries)
-    print(f"users: {len(keys)}")
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # gone since the listing: a save's temp file, or a deleted user
+                continue
+            folder_bytes += info.st_size
+            key = _user_key_from_file_name(entry.name)
+            if key is not None and stat.S_ISREG(info.st_mode):
+                sizes[key] = info.st_size
+    print(f"users: {len(sizes)}")
     print(f"records: {sum(sizes.values())} bytes")
     if sizes:
-        largest = max(sizes, key=lambda key: sizes[key])
+        largest = max(sorted(sizes), key=lambda key: sizes[key])
         print(f"largest: {sizes[largest]} bytes (user {_shown_id(largest)})")
     print(f"folder: {folder_bytes} bytes")
     return 0
@@ -1798,7 +2013,11 @@ def _cmd_upgrade(args: Any) -> int:
 def _build_parser() -> Any:
     import argparse
 
-    parser = argparse.ArgumentParser(
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:  # main() adds a hint for the usual slips
+            raise _UsageError(message)
+
+    parser = Parser(
         prog="jason",
         description="JASON: a per-user JSON file database for chatbots. "
         "Read-only commands work while a bot runs; writing ones need the bot stopped.",
@@ -1824,12 +2043,13 @@ def _build_parser() -> Any:
     check.add_argument("--fix-temp", action="store_true", help="remove leftover temp files (needs the bot stopped)")
     check.set_defaults(handler=_cmd_check)
     export = commands.add_parser("export", help="write every user to a JSONL or SQLite file")
-    export.add_argument("--format", choices=("jsonl", "sqlite"), default="jsonl")
+    export.add_argument("--format", choices=("jsonl", "sqlite"), default=None,
+                        help="default: from OUT's name (.jsonl, .ndjson; .sqlite, .sqlite3, .db)")
     export.add_argument("out", metavar="OUT", help="the file to write; - for stdout (JSONL only)")
     export.set_defaults(handler=_cmd_export)
-    import_ = commands.add_parser("import", help="load a JSONL export into the folder")
-    import_.add_argument("file", metavar="FILE", help="the JSONL file; - for stdin")
-    import_.add_argument("--overwrite", action="store_true", help="replace users that already exist")
+    import_ = commands.add_parser("import", help="load a JSONL or SQLite export into the folder")
+    import_.add_argument("file", metavar="FILE", help="the export to read; - for JSONL on stdin")
+    import_.add_argument("--overwrite", action="store_true", help="replace users stored with other data")
     import_.set_defaults(handler=_cmd_import)
     stats = commands.add_parser("stats", help="number of users, record sizes and folder size")
     stats.set_defaults(handler=_cmd_stats)
@@ -1839,15 +2059,39 @@ def _build_parser() -> Any:
     return parser
 
 
+def _usage_hint(argv: list[str]) -> str | None:
+    """What the user probably meant, for the slips newcomers make."""
+    import shlex
+
+    words = [word for word in argv if not word.startswith("-")]
+    if len(words) == 1 and words[0] not in _COMMANDS:
+        return f"no command after {words[0]}; try: jason {words[0]} ls (commands: {', '.join(_COMMANDS)})"
+    if len(words) >= 2 and words[0] in _COMMANDS and words[1] not in _COMMANDS and not os.path.isdir(words[0]):
+        rest = " ".join(words[2:])
+        return f"the folder comes first: jason {words[1]} {words[0]}{' ' + rest if rest else ''}"
+    if len(words) >= 4 and words[1] == "set":
+        return f"set reads the record from stdin: echo {shlex.quote(words[3])} | jason {words[0]} set {words[2]}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point: exit 0 on success, 1 on failure, 2 on a usage error."""
+    """Command-line entry point: exit 0 on success, 1 on failure, 2 on a usage error, 130 on Ctrl-C."""
     import sqlite3
 
+    argv = sys.argv[1:] if argv is None else argv
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"jason: error: {exc}", file=sys.stderr)
+        hint = _usage_hint(argv)
+        if hint:
+            print(f"jason: {hint}", file=sys.stderr)
+        return 2
     if args.selftest:
         return _run_selftest()
-    if args.command is None or args.folder is None:
+    if args.folder is None or args.command is None:
         parser.print_usage(sys.stderr)
         print("jason: error: give a folder and a command, or --selftest", file=sys.stderr)
         return 2
@@ -1863,6 +2107,12 @@ def main(argv: list[str] | None = None) -> int:
     except (_CommandError, JasonError, OSError, ValueError, sqlite3.Error) as exc:
         print(f"jason: {exc}", file=sys.stderr)
         return 1
+    except _Interrupted as exc:
+        print(f"\njason: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\njason: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ import types
 import unicodedata
 import unittest
 import zipfile
-from collections.abc import Iterator
-from typing import Awaitable, Callable, ClassVar
+from collections.abc import Awaitable, Iterator
+from typing import Callable, ClassVar
 from unittest import mock
 
 import jason
@@ -68,6 +68,36 @@ def run_child(code: str, *args: str, timeout: float = CHILD_TIMEOUT) -> subproce
 async def until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0.01)
+
+
+def fill_folder(folder: str, records: dict[str, dict[str, object]]) -> None:
+    """Save every record (fast mode, 64 at a time) through the public API."""
+
+    async def fill() -> None:
+        async with JASON(folder, durable=False) as db:
+            pending = iter(records.items())
+
+            async def worker() -> None:
+                for key, data in pending:
+                    await db.save_user_data(key, data)
+
+            await asyncio.gather(*(worker() for _ in range(64)))
+
+    asyncio.run(fill())
+
+
+def read_folder(folder: str) -> dict[str, dict[str, object]]:
+    """Every user's record, through a readonly JASON."""
+
+    async def everyone() -> dict[str, dict[str, object]]:
+        async with JASON(folder, readonly=True) as db:
+            return {key: await db.load_user_data(key) for key in await db.user_ids()}
+
+    return asyncio.run(everyone())
+
+
+def jason_records(folder: str) -> list[str]:
+    return [name for name in os.listdir(folder) if name.endswith(".json")]
 
 
 def temp_files(folder: str) -> list[str]:
@@ -1922,10 +1952,7 @@ class CLITest(unittest.TestCase):
         cls.expected = {str(u): {"n": u, "name": f"user {u} ✓", "tags": ["a", "é"]} for u in range(9990)}
         cls.expected.update({key: {"odd": key, "text": "non-ASCII: ÿ 😀"} for key in ODD_IDS})
 
-        async def fill() -> None:
-            await jason._save_then_close(JASON(cls.folder, durable=False), list(cls.expected.items()))
-
-        asyncio.run(fill())
+        fill_folder(cls.folder, cls.expected)
 
     @classmethod
     def tearDownClass(cls) -> None:
@@ -2013,8 +2040,10 @@ class CLITest(unittest.TestCase):
                        (("check", "--fix-temp"), None)]
             for args, stdin in writing:
                 with self.subTest(args=args):
-                    self.assert_fails(run_cli(folder, *args, stdin=stdin), 1, "is open for writing by",
-                                      f"process {os.getpid()}")
+                    result = run_cli(folder, *args, stdin=stdin)
+                    self.assert_fails(result, 1, "is open for writing by", f"process {os.getpid()}",
+                                      "stop it first", "read-only commands")
+                    self.assertNotIn("readonly=True", result.stderr)  # a library option the CLI cannot pass
             self.assertEqual(run_cli(folder, "get", "1").returncode, 0)  # reading works beside the bot
             self.assertEqual(run_cli(folder, "ls").stdout, "1\n")
         finally:
@@ -2059,11 +2088,7 @@ class CLITest(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("imported 10000 users", result.stderr)
 
-        async def everyone() -> dict[str, object]:
-            async with JASON(folder, readonly=True) as db:
-                return {key: await db.load_user_data(key) for key in await db.user_ids()}
-
-        self.assertEqual(asyncio.run(everyone()), self.expected)
+        self.assertEqual(read_folder(folder), self.expected)
 
     def test_sqlite_export_holds_every_user_as_queryable_json(self) -> None:
         import sqlite3
@@ -2077,15 +2102,70 @@ class CLITest(unittest.TestCase):
         self.assertEqual({key: json.loads(data) for key, data in rows.items()}, self.expected)
         self.assertEqual(name, ("user 7 ✓",))
         self.assert_fails(run_cli(self.folder, "export", "--format", "sqlite", "-"), 1, "needs a file name")
+        folder = self.scratch()
+        result = run_cli(folder, "import", out)  # the SQLite export imports back, told apart by its header
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(read_folder(folder), self.expected)
 
     def test_a_failed_export_leaves_no_file(self) -> None:
         folder = self.scratch()
         run_cli(folder, "import", "-", stdin='{"user_id": 1, "data": {}}\n')
+        out = os.path.join(os.path.dirname(folder), "out.jsonl")
+        os.mkdir(out)  # the final rename onto OUT fails
+        self.assert_fails(run_cli(folder, "export", out), 1, "out.jsonl")
+        self.assertEqual(sorted(os.listdir(os.path.dirname(out))), ["db", "out.jsonl"])
+        self.assertEqual(os.listdir(out), [])
+
+    def test_an_export_keeps_every_sound_record_and_names_the_corrupt_ones(self) -> None:
+        folder = self.scratch()
+        run_cli(folder, "import", "-", stdin='{"user_id": 1, "data": {"a": 1}}\n{"user_id": 3, "data": {}}\n')
         with open(os.path.join(folder, "2.json"), "w", encoding="utf-8") as file:
             file.write("[]")
         out = os.path.join(os.path.dirname(folder), "out.jsonl")
-        self.assert_fails(run_cli(folder, "export", out), 1, "corrupt record", "2.json")
-        self.assertEqual(os.listdir(os.path.dirname(out)), ["db"])
+        result = run_cli(folder, "export", out)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertRegex(result.stderr, r"corrupt, left out: .*2\.json: holds a JSON list")
+        self.assertIn("1 corrupt records were left out", result.stderr.splitlines()[-1])
+        with open(out, encoding="utf-8") as file:
+            self.assertEqual([json.loads(line) for line in file],
+                             [{"user_id": "1", "data": {"a": 1}}, {"user_id": "3", "data": {}}])
+
+    def test_export_takes_the_format_from_the_name_or_refuses(self) -> None:
+        folder = self.scratch()
+        run_cli(folder, "import", "-", stdin='{"user_id": 1, "data": {"a": 1}}\n')
+        for name, magic in [("b.sqlite", b"SQLite format 3"), ("b.db", b"SQLite format 3"), ("b.jsonl", b'{"user_id"')]:
+            with self.subTest(name=name):
+                out = os.path.join(os.path.dirname(folder), name)
+                self.assertEqual(run_cli(folder, "export", out).returncode, 0)
+                self.assertTrue(read_bytes(out).startswith(magic))
+        self.assert_fails(run_cli(folder, "export", os.path.join(os.path.dirname(folder), "backup")), 1,
+                          "cannot tell the format", "--format")
+
+    def test_the_cli_refuses_integers_beyond_64_bits_as_the_api_does(self) -> None:
+        folder = self.scratch()
+        big = '{"n": 18446744073709551616}'
+        self.assert_fails(run_cli(folder, "set", "u", stdin=big), 1, "18446744073709551616", "64 bits")
+        self.assert_fails(run_cli(folder, "import", "-", stdin='{"user_id": "u", "data": ' + big + "}\n"), 1,
+                          "line 1", "64 bits")
+        self.assertEqual(run_cli(folder, "import", "-", stdin='{"user_id": "u", "data": {"n": 18446744073709551615}}'
+                                 ).returncode, 0)
+        self.assertEqual(json.loads(run_cli(folder, "get", "u").stdout), {"n": 2**64 - 1})
+
+    def test_usual_argument_mistakes_get_a_hint(self) -> None:
+        result = run_cli(self.folder)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn(f"no command after {self.folder}; try: jason {self.folder} ls", result.stderr)
+        result = run_cli("ls", "users")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("the folder comes first: jason users ls", result.stderr)
+        result = run_cli(self.folder, "set", "5", '{"a":1}')
+        self.assertEqual(result.returncode, 2)
+        self.assertIn(f"set reads the record from stdin: echo '{{\"a\":1}}' | jason {self.folder} set 5",
+                      result.stderr)
+        for result in (run_cli(), run_cli(self.folder, "frobnicate"), run_cli(self.folder, "ls", "extra")):
+            self.assertNotIn("Traceback", result.stderr)
+            self.assertEqual(result.returncode, 2)
 
     def test_import_refuses_bad_files_whole_with_the_line_number(self) -> None:
         folder = self.scratch()
@@ -2106,6 +2186,117 @@ class CLITest(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(json.loads(run_cli(folder, "get", "old").stdout), {"v": 2})
         self.assert_fails(run_cli(folder, "import", os.path.join(self._tmp.name, "nope.jsonl")), 1, "No such file")
+
+    def start_cli(self, *args: str) -> subprocess.Popen[str]:
+        env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        return subprocess.Popen([sys.executable, os.path.join(HERE, "jason.py"), *args], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def interrupt_when(self, process: subprocess.Popen[str], ready: Callable[[], bool]) -> tuple[int, str]:
+        """Send Ctrl-C (SIGINT) once ready() holds; return the exit status and stderr."""
+        deadline = time.monotonic() + CHILD_TIMEOUT
+        while not ready():
+            self.assertIsNone(process.poll(), "the command ended before it could be interrupted")
+            self.assertLess(time.monotonic(), deadline, "the command never got going")
+            time.sleep(0.005)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=CHILD_TIMEOUT)
+        return process.returncode, stderr
+
+    @unittest.skipIf(sys.platform == "win32", "SIGINT")
+    def test_ctrl_c_during_export_leaves_no_half_file(self) -> None:
+        out = os.path.join(self._tmp.name, "interrupted.jsonl")
+        process = self.start_cli(self.folder, "export", out)
+        partial = f".{os.path.basename(out)}."
+        status, stderr = self.interrupt_when(
+            process, lambda: any(name.startswith(partial) for name in os.listdir(self._tmp.name)))
+        self.assertEqual(status, 130, stderr)
+        self.assertNotIn("Traceback", stderr)
+        self.assertEqual(stderr.strip().splitlines()[-1], f"jason: interrupted: {out} was not written")
+        self.assertEqual([name for name in os.listdir(self._tmp.name) if "interrupted" in name], [])
+
+    @unittest.skipIf(sys.platform == "win32", "SIGINT")
+    def test_an_interrupted_import_says_how_far_it_got_and_resumes(self) -> None:
+        source = os.path.join(self._tmp.name, "all.jsonl")
+        self.assertEqual(run_cli(self.folder, "export", source).returncode, 0)
+        folder = self.scratch()
+        process = self.start_cli(folder, "import", source)  # durable saves: seconds for 10,000 users
+        status, stderr = self.interrupt_when(
+            process, lambda: os.path.isdir(folder) and len(os.listdir(folder)) > 200)
+        self.assertEqual(status, 130, stderr)
+        self.assertNotIn("Traceback", stderr)
+        last = stderr.strip().splitlines()[-1]
+        self.assertRegex(last, r"^jason: interrupted after importing \d+ of 10000 users; run the same command again")
+        done = int(re.search(r"importing (\d+) of", last)[1])  # type: ignore[index]
+        self.assertLessEqual(done, len(os.listdir(folder)))  # at least that many landed
+        result = run_cli(folder, "import", source)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stderr, r"imported \d+ users into .* \((\d+) already there, unchanged\)")
+        self.assertEqual(read_folder(folder), self.expected)
+
+    def test_an_import_onto_a_full_disk_reports_once_how_far_it_got(self) -> None:
+        source = os.path.join(self._tmp.name, "some.jsonl")
+        with open(source, "w", encoding="utf-8") as file:
+            for user in range(300):
+                file.write(json.dumps({"user_id": user, "data": {"n": user}}) + "\n")
+        folder = self.scratch()
+        result = run_child(f"""
+            import errno, os, sys, jason
+            real_replace, calls = os.replace, []
+            def replace(source, target):
+                calls.append(target)
+                if len(calls) > 100:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real_replace(source, target)
+            os.replace = replace
+            sys.exit(jason.main([{folder!r}, "import", {source!r}]))
+        """)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)  # no tracebacks, no logs
+        self.assertRegex(result.stderr, r"imported 100 of 300 users, then user \S+ failed: .*No space left")
+        self.assertEqual(len(jason_records(folder)), 100)
+        result = run_cli(folder, "import", source)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("imported 200 users", result.stderr)
+        self.assertIn("(100 already there, unchanged)", result.stderr)
+        self.assertEqual(read_folder(folder), {str(user): {"n": user} for user in range(300)})
+
+    def test_an_import_refuses_only_users_stored_with_other_data(self) -> None:
+        folder = self.scratch()
+        lines = '{"user_id": 1, "data": {"v": 1}}\n{"user_id": 2, "data": {"v": 2}}\n'
+        self.assertEqual(run_cli(folder, "import", "-", stdin=lines).returncode, 0)
+        again = run_cli(folder, "import", "-", stdin=lines)
+        self.assertEqual(again.returncode, 0, again.stderr)
+        self.assertIn("imported 0 users into", again.stderr)
+        self.assertIn("(2 already there, unchanged)", again.stderr)
+        self.assert_fails(run_cli(folder, "import", "-", stdin=lines.replace('"v": 2', '"v": 3')), 1,
+                          "1 users already exist with other data (2)", "--overwrite")
+
+    def test_check_and_stats_ignore_a_live_writers_saves_in_progress(self) -> None:
+        folder = self.scratch()
+        os.makedirs(folder)
+        leftover = os.path.join(folder, jason.TEMP_PREFIX + "f" * 16)
+        with open(leftover, "wb") as file:
+            file.write(b"{")
+        os.utime(leftover, (time.time() - 3600, time.time() - 3600))  # from a crash an hour ago
+        log_path = os.path.join(self._tmp.name, "storm.log")
+        writer = start_storm_writer(folder, log_path)
+        try:
+            deadline = time.monotonic() + CHILD_TIMEOUT
+            while len(jason_records(folder)) < 20:
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.01)
+            for _ in range(15):
+                checked = run_cli(folder, "check")
+                self.assertEqual(checked.returncode, 1, checked.stdout + checked.stderr)
+                self.assertIn("20 sound records; 0 corrupt, 1 temp,", checked.stdout)  # only the old leftover
+                self.assertIn(f"temp: {leftover}: ", checked.stdout)
+                stats = run_cli(folder, "stats")
+                self.assertEqual(stats.returncode, 0, stats.stderr)
+                self.assertIn("users: 20\n", stats.stdout)
+        finally:
+            writer.kill()
+            writer.wait(CHILD_TIMEOUT)
 
     def test_stats_counts_users_and_bytes(self) -> None:
         result = run_cli(self.folder, "stats")
@@ -2253,7 +2444,7 @@ class PostgresTest(unittest.TestCase):
         with tempfile.TemporaryDirectory(prefix="jason-pg-") as work:
             os.chmod(work, 0o755)
             folder, export = os.path.join(work, "users"), os.path.join(work, "users.jsonl")
-            asyncio.run(jason._save_then_close(JASON(folder, durable=False), list(records.items())))
+            fill_folder(folder, records)
             self.assertEqual(run_cli(folder, "export", export).returncode, 0)
             with self.postgres(work) as psql:
                 script = os.path.join(work, "load.sql")
