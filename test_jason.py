@@ -2518,8 +2518,22 @@ class PackagingTest(unittest.TestCase):
             self.assertIn("orjson off, aiofiles off", run(python, "-m", "jason", "--selftest"))
 
             run(python, "-m", "pip", "install", "--quiet", f"{os.path.join(dist, wheel)}[fast]")
-            self.assertIn("orjson on, aiofiles on", run(os.path.join(bin_dir, "jason"), "--selftest"))
+            self.assertIn("orjson on, aiofiles off", run(os.path.join(bin_dir, "jason"), "--selftest"))
 
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ReadmeTest(unittest.TestCase):
+    def test_every_test_the_readme_cites_exists(self) -> None:
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+            readme = file.read()
+        cited = set(re.findall(r"`([A-Z]\w+Test)(?:\.(test_\w+))?`", readme))
+        self.assertGreater(len(cited), 40)
+        for class_name, method in sorted(cited):
+            with self.subTest(test=f"{class_name}.{method}"):
+                test_class = globals().get(class_name)
+                self.assertIsNotNone(test_class, f"the README cites {class_name}, which does not exist")
+                if method:
+                    self.assertTrue(hasattr(test_class, method), f"the README cites {class_name}.{method}")
