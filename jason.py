@@ -919,9 +919,9 @@ class _SharedFolder:
 
     One writer lock (flock is per open file, so a second open in the same
     process would lock itself out), one lock registry (so two instances never
-    write one user at once), the instances (so a save through one drops the
-    stale copy from the others' caches), and the writes under way in threads,
-    so that the writer lock is released only after the last of them has landed.
+    write one user at once), the caches (so a save through one drops the
+    stale copy from the others'), and the writes under way in threads, so
+    that the writer lock is released only after the last of them has landed.
     """
 
     def __init__(self, folder: str, lock_fd: int) -> None:
@@ -929,19 +929,20 @@ class _SharedFolder:
         self.lock_fd: int | None = lock_fd
         self.locks = _UserLocks()
         self.folder_sync = _FolderSync(folder)
-        self.instances: weakref.WeakSet[JASON] = weakref.WeakSet()
+        self.stores: weakref.WeakSet[_FolderStore] = weakref.WeakSet()
+        self.caches: weakref.WeakSet[_RecordCache] = weakref.WeakSet()
         self.writes: set[concurrent.futures.Future[Any]] = set()
 
-    def start_write(self, instance: JASON, operation: str, func: Callable[..., _T], *args: Any) -> \
+    def start_write(self, store: _FolderStore, operation: str, func: Callable[..., _T], *args: Any) -> \
             concurrent.futures.Future[_T]:
-        """Run func in the I/O pool as a write of instance, if instance may still write.
+        """Run func in the I/O pool as a write of store, if store may still write.
 
         The check and the registration happen under the registry lock, which
         close() takes too: a write is either refused or waited for, never left
         to land after the lock is released.
         """
         with _registry_lock:
-            instance._check_writable(operation)
+            store.check_writable(operation)
             running = _io_executor().submit(func, *args)
             self.writes.add(running)
         running.add_done_callback(self._write_done)
@@ -951,11 +952,11 @@ class _SharedFolder:
         with _registry_lock:
             self.writes.discard(running)
 
-    async def detach(self, instance: JASON) -> None:
-        """Forget instance; when it was the last, wait for every write under way, then release the lock."""
+    async def detach(self, store: _FolderStore) -> None:
+        """Forget store; when it was the last, wait for every write under way, then release the lock."""
         with _registry_lock:
-            self.instances.discard(instance)
-            if self.instances:
+            self.stores.discard(store)
+            if self.stores:
                 return
         while True:
             with _registry_lock:
@@ -965,7 +966,7 @@ class _SharedFolder:
             await _wait_for_futures(writes)
         with _registry_lock:
             # A new instance may have joined while we waited: then it keeps the lock.
-            if self.instances or _shared_folders.get(self.folder) is not self:
+            if self.stores or _shared_folders.get(self.folder) is not self:
                 return
             del _shared_folders[self.folder]
             if self.lock_fd is not None:
@@ -974,7 +975,7 @@ class _SharedFolder:
 
 
 _shared_folders: dict[str, _SharedFolder] = {}
-# Guards _shared_folders and every _SharedFolder's instances and writes: JASON
+# Guards _shared_folders and every _SharedFolder's stores and writes: JASON
 # objects may be made and closed in several threads at once.
 _registry_lock = threading.Lock()
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -1046,11 +1047,138 @@ async def _in_thread(func: Callable[..., _T], *args: Any) -> _T:
     return await _wait_for_thread(_io_executor().submit(func, *args))
 
 
+# ---------------------------------------------------------------- the folder store
+#
+# A store is where a JASON's records live. JASON itself keeps what is the same
+# everywhere (ids, value checks, defaults, fresh copies, per-user locks, the
+# cache); a store keeps the rest, behind these methods, all taking canonical
+# user keys and compact JSON bytes:
+#
+#   location              where the records are, fit to show (never a password)
+#   where(key)            where one record is, for messages
+#   caches                True when JASON may cache records (no other writer can change them)
+#   locks                 the per-user lock registry to use (shared where the store is)
+#   check_writable(op)    raise unless a write may happen now (closed, readonly, forked)
+#   share_cache(cache)    make invalidate() reach this cache too
+#   invalidate(key)       drop key from every cache that shares the store's records
+#   read(key)             the stored bytes, or None
+#   write(key, data, op)  store data as the whole record
+#   delete(key, op)       True when there was a record
+#   exists(key), keys()   whether a record exists; every stored key, sorted
+#   quarantine(key, op)   move a corrupt record aside; where it went
+#   transaction(key)      an async context for an edit: cross-process exclusion where
+#                         the store needs it; gives an object with read, write, quarantine
+#   close()               release what the store holds, after the writes under way
+
+
+class _FolderStore:
+    """Records as JSON files in one folder, written atomically; one writer process at a time."""
+
+    def __init__(self, folder: str | os.PathLike[str], *, durable: bool, readonly: bool) -> None:
+        self.folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
+        self.location = self.folder
+        self.durable = durable
+        self.readonly = readonly
+        # A readonly instance keeps no cache: the writer may be another
+        # process, and only the file itself is never stale.
+        self.caches = not readonly
+        self.closed = False
+        self._pid = os.getpid()
+        if readonly:
+            if not os.path.isdir(self.folder):
+                raise FileNotFoundError(errno.ENOENT, "JASON folder does not exist", self.folder)
+            self._shared: _SharedFolder | None = None
+            self.locks = _UserLocks()
+            self._folder_sync: _FolderSync | None = None
+        else:
+            _make_folder_sync(self.folder, durable)
+            self._shared = self._attach_shared_folder()
+            self.locks = self._shared.locks
+            self._folder_sync = self._shared.folder_sync
+
+    def _attach_shared_folder(self) -> _SharedFolder:
+        real_folder = os.path.realpath(self.folder)
+        with _registry_lock:  # two threads opening one folder must share one lock, not race for it
+            shared = _shared_folders.get(real_folder)
+            if shared is None:
+                shared = _SharedFolder(real_folder, _lock_folder_sync(self.folder))
+                _shared_folders[real_folder] = shared
+            shared.stores.add(self)
+        return shared
+
+    def check_writable(self, operation: str) -> None:
+        """The one guard of every write: open, not readonly, not a forked copy of the writer."""
+        if self.closed:
+            raise JasonError(
+                f"{operation} refused: this JASON for {self.location} was closed, so nothing was written; "
+                "open a new one"
+            )
+        if self.readonly:
+            raise ReadOnlyError(self.location, operation)
+        if os.getpid() != self._pid:
+            raise DatabaseLockedError(
+                self.location,
+                f"process {self._pid}, which opened this JASON before forking; open a new JASON in this process",
+            )
+
+    def share_cache(self, cache: _RecordCache) -> None:
+        if self._shared is not None:
+            self._shared.caches.add(cache)
+
+    def invalidate(self, key: str) -> None:
+        if self._shared is not None:
+            for cache in list(self._shared.caches):
+                cache.drop(key)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.folder, _file_name(key))
+
+    def where(self, key: str) -> str:
+        """Where key's record is, for messages: its file's path."""
+        return self._path(key)
+
+    async def _write_in_thread(self, operation: str, func: Callable[..., _T], *args: Any) -> _T:
+        if self._shared is None:
+            raise ReadOnlyError(self.location, operation)
+        return await _wait_for_thread(self._shared.start_write(self, operation, func, *args))
+
+    async def read(self, key: str) -> bytes | None:
+        return await _in_thread(_read_record_sync, self._path(key))
+
+    async def write(self, key: str, data: bytes, operation: str) -> None:
+        await self._write_in_thread(
+            operation, _write_atomic_sync, self.folder, _file_name(key), data, self.durable, self._folder_sync
+        )
+
+    async def delete(self, key: str, operation: str) -> bool:
+        return await self._write_in_thread(operation, _delete_sync, self.folder, _file_name(key), self.durable)
+
+    async def exists(self, key: str) -> bool:
+        return await _in_thread(_is_record_sync, self._path(key))
+
+    async def keys(self) -> list[str]:
+        return await _in_thread(_list_user_keys_sync, self.folder)
+
+    async def quarantine(self, key: str, operation: str) -> str:
+        return await self._write_in_thread(operation, _quarantine_sync, self.folder, _file_name(key), self.durable)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, key: str) -> AsyncIterator[_FolderStore]:
+        # One writer process, and JASON holds the user's lock: nothing else can change the file.
+        yield self
+
+    async def close(self) -> None:
+        with _registry_lock:  # a write is either registered before this, and waited for, or refused
+            self.closed = True
+        if self._shared is not None:
+            await self._shared.detach(self)
+
+
 # ---------------------------------------------------------------- the database
 
 
 class JASON:
-    """A folder of per-user JSON records, loaded and saved through asyncio.
+    """Per-user JSON records, loaded and saved through asyncio.
 
     Every method is a coroutine. Operations on one user run one at a time;
     different users run in parallel. Use as ``async with JASON(...) as db:``
@@ -1093,40 +1221,16 @@ class JASON:
         self._default_bytes, _ = _encode_record(dict(default_structure), pretty=False, name="default_structure")
         self._defaults: dict[str, Any] = _loads(self._default_bytes)
         self._pretty = pretty
-        self._durable = durable
         self._readonly = readonly
         self._quarantine = on_corrupt == "quarantine" and not readonly
-        self._folder = os.path.abspath(os.path.expanduser(os.fspath(db_folder)))
-        self._pid = os.getpid()
-        self._closed = False
-        # A readonly instance keeps no cache: the writer may be another
-        # process, and only the file itself is never stale.
-        self._cache = _RecordCache(0 if readonly else cache_size)
-        if readonly:
-            if not os.path.isdir(self._folder):
-                raise FileNotFoundError(errno.ENOENT, "JASON folder does not exist", self._folder)
-            self._shared: _SharedFolder | None = None
-            self._locks = _UserLocks()
-            self._folder_sync: _FolderSync | None = None
-        else:
-            _make_folder_sync(self._folder, durable)
-            self._shared = self._attach_shared_folder()
-            self._locks = self._shared.locks
-            self._folder_sync = self._shared.folder_sync
-
-    def _attach_shared_folder(self) -> _SharedFolder:
-        real_folder = os.path.realpath(self._folder)
-        with _registry_lock:  # two threads opening one folder must share one lock, not race for it
-            shared = _shared_folders.get(real_folder)
-            if shared is None:
-                shared = _SharedFolder(real_folder, _lock_folder_sync(self._folder))
-                _shared_folders[real_folder] = shared
-            shared.instances.add(self)
-        return shared
+        self._store = _FolderStore(db_folder, durable=durable, readonly=readonly)
+        self._locks = self._store.locks
+        self._cache = _RecordCache(cache_size if self._store.caches else 0)
+        self._store.share_cache(self._cache)
 
     def __repr__(self) -> str:
-        mode = "readonly" if self._readonly else "closed" if self._closed else "open"
-        return f"<JASON {self._folder!r} {mode}>"
+        mode = "readonly" if self._readonly else "closed" if self._store.closed else "open"
+        return f"<JASON {self._store.location!r} {mode}>"
 
     async def __aenter__(self) -> JASON:
         return self
@@ -1137,7 +1241,7 @@ class JASON:
     @property
     def folder(self) -> str:
         """The absolute path of the database folder."""
-        return self._folder
+        return self._store.folder
 
     async def close(self) -> None:
         """Forget the cache and release the writer lock once no other instance here uses it.
@@ -1147,13 +1251,10 @@ class JASON:
         waiting for its user, fails with JasonError and writes nothing. Every
         later call on this instance raises JasonError. Closing twice is harmless.
         """
-        if self._closed:
+        if self._store.closed:
             return
-        with _registry_lock:  # a write is either registered before this, and waited for, or refused
-            self._closed = True
         self._cache.clear()
-        if self._shared is not None:
-            await self._shared.detach(self)
+        await self._store.close()
 
     async def load_user_data(self, user_id: int | str) -> dict[str, Any]:
         """The user's data, with missing default keys filled in (recursively).
@@ -1170,12 +1271,12 @@ class JASON:
             return self._decode(cached)  # type: ignore[arg-type]
         try:
             self._locks.check_wait(key)
-        except _HeldByThisTask:  # inside this task's own edit of the user: nothing can change the file
-            return await self._load_locked(key)
-        except _WouldDeadlock:  # the holder waits for us: read the file as it is, without the lock
+        except _HeldByThisTask:  # inside this task's own edit of the user: nothing can change the record
+            return await self._load_locked(key, self._store)
+        except _WouldDeadlock:  # the holder waits for us: read the record as it is, without the lock
             return await self._read_unlocked(key)
         async with self._locks.hold(key):
-            return await self._load_locked(key)
+            return await self._load_locked(key, self._store)
 
     async def save_user_data(self, user_id: int | str, data: Mapping[str, Any]) -> None:
         """Store data as the user's whole record, atomically (durably, unless durable=False).
@@ -1187,14 +1288,14 @@ class JASON:
         Inside edit_user_data of the same user, raises JasonError at once.
         """
         key = self._key(user_id)
-        self._check_writable("save_user_data")
+        self._store.check_writable("save_user_data")
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a dict, not {type(data).__name__}")
         if not isinstance(data, dict):
             data = dict(data)
         compact, stored = _encode_record(data, self._pretty)
         async with self._hold(key, "save_user_data"):
-            await self._write_locked(key, compact, stored, "save_user_data")
+            await self._write_locked(key, compact, stored, "save_user_data", self._store)
 
     @contextlib.asynccontextmanager
     async def edit_user_data(self, user_id: int | str) -> AsyncIterator[dict[str, Any]]:
@@ -1207,22 +1308,21 @@ class JASON:
         with another task, raises JasonError at once and changes nothing.
         """
         key = self._key(user_id)
-        self._check_writable("edit_user_data")
-        async with self._hold(key, "edit_user_data"):
-            data = await self._load_locked(key)
+        self._store.check_writable("edit_user_data")
+        async with self._hold(key, "edit_user_data"), self._store.transaction(key) as records:
+            data = await self._load_locked(key, records)
             yield data
             compact, stored = _encode_record(data, self._pretty)
-            await self._write_locked(key, compact, stored, "edit_user_data")
+            await self._write_locked(key, compact, stored, "edit_user_data", records)
 
     async def delete_user_data(self, user_id: int | str) -> bool:
         """Delete the user's record; True when there was one."""
         key = self._key(user_id)
-        self._check_writable("delete_user_data")
-        name = _file_name(key)
+        self._store.check_writable("delete_user_data")
+        _file_name(key)  # an id too long for any record fails before anything is touched
         async with self._hold(key, "delete_user_data"):
-            running = self._start_write("delete_user_data", _delete_sync, self._folder, name, self._durable)
             try:
-                existed = await _wait_for_thread(running)
+                existed = await self._store.delete(key, "delete_user_data")
             finally:
                 self._forget(key)
             self._cache.put(key, None)
@@ -1234,48 +1334,25 @@ class JASON:
         cached = self._cache.get(key)
         if cached is not _NOT_CACHED:
             return cached is not None
-        return await _in_thread(_is_record_sync, os.path.join(self._folder, _file_name(key)))
+        _file_name(key)
+        return await self._store.exists(key)
 
     async def user_ids(self) -> list[str]:
         """Every stored user's id as a str, sorted; never a temp, lock or stray file."""
         self._enter()
-        return await _in_thread(_list_user_keys_sync, self._folder)
+        return await self._store.keys()
 
     # -------------------------------------------------- private helpers
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise JasonError(f"this JASON for {self._folder} is closed; open a new one")
-
     def _enter(self) -> None:
         """Every public call starts here: the instance is open and used from one event loop."""
-        self._check_open()
-        self._locks.check_loop(f"the JASON folder {self._folder}")
+        if self._store.closed:
+            raise JasonError(f"this JASON for {self._store.location} is closed; open a new one")
+        self._locks.check_loop(f"the JASON database {self._store.location}")
 
     def _key(self, user_id: object) -> str:
         self._enter()
         return _user_key(user_id)
-
-    def _check_writable(self, operation: str) -> None:
-        """The one guard of every write: open, not readonly, not a forked copy of the writer."""
-        if self._closed:
-            raise JasonError(
-                f"{operation} refused: this JASON for {self._folder} was closed, so nothing was written; "
-                "open a new one"
-            )
-        if self._readonly:
-            raise ReadOnlyError(self._folder, operation)
-        if os.getpid() != self._pid:
-            raise DatabaseLockedError(
-                self._folder,
-                f"process {self._pid}, which opened this JASON before forking; "
-                "open a new JASON in this process",
-            )
-
-    def _start_write(self, operation: str, func: Callable[..., _T], *args: Any) -> concurrent.futures.Future[_T]:
-        if self._shared is None:
-            raise ReadOnlyError(self._folder, operation)
-        return self._shared.start_write(self, operation, func, *args)
 
     def _hold(self, key: str, operation: str) -> contextlib.AbstractAsyncContextManager[None]:
         """The user's lock for a write; JasonError at once where waiting for it could never end."""
@@ -1302,21 +1379,22 @@ class JASON:
         _merge_defaults(data, self._defaults)
         return data
 
-    async def _load_locked(self, key: str) -> dict[str, Any]:
-        """Like load_user_data; the caller holds the user's lock, so the cache cannot go stale."""
+    async def _load_locked(self, key: str, records: Any) -> dict[str, Any]:
+        """Like load_user_data; the caller holds the user's lock, so the cache cannot go stale.
+
+        records is the store, or the transaction of an edit.
+        """
         cached = self._cache.get(key)
         if cached is not _NOT_CACHED:
             return self._decode(cached)  # type: ignore[arg-type]
-        name = _file_name(key)
-        path = os.path.join(self._folder, name)
+        _file_name(key)  # an id too long for any record fails before anything is read
         try:
-            raw = await _in_thread(_read_record_sync, path)
-            data = None if raw is None else _parse_record(raw, path)
+            raw = await records.read(key)
+            data = None if raw is None else _parse_record(raw, self._where(key))
         except CorruptDataError as exc:
             if not self._quarantine:
                 raise
-            running = self._start_write("quarantine", _quarantine_sync, self._folder, name, self._durable)
-            moved_to = await _wait_for_thread(running)
+            moved_to = await records.quarantine(key, "quarantine")
             _log.warning("corrupt record %s (%s): moved it to %s and started user %r afresh from the "
                          "default structure", exc.path, exc.reason, moved_to, key)
             data = None
@@ -1329,32 +1407,28 @@ class JASON:
 
     async def _read_unlocked(self, key: str) -> dict[str, Any]:
         """The stored record, read without the user's lock: nothing is cached or quarantined."""
-        path = os.path.join(self._folder, _file_name(key))
-        raw = await _in_thread(_read_record_sync, path)
+        raw = await self._store.read(key)
         if raw is None:
             return self._decode(None)
-        data = _parse_record(raw, path)
+        data = _parse_record(raw, self._where(key))
         _merge_defaults(data, self._defaults)
         return data
 
-    async def _write_locked(self, key: str, compact: bytes, stored: bytes, operation: str) -> None:
-        name = _file_name(key)
-        running = self._start_write(
-            operation, _write_atomic_sync, self._folder, name, stored, self._durable, self._folder_sync
-        )
+    async def _write_locked(self, key: str, compact: bytes, stored: bytes, operation: str, records: Any) -> None:
         try:
-            await _wait_for_thread(running)
+            await records.write(key, stored, operation)
         finally:
             # Other instances' copies are stale either way; so is ours if the
-            # write failed, when the disk may hold the old or the new record.
+            # write failed, when the store may hold the old or the new record.
             self._forget(key)
         self._cache.put(key, compact)
 
     def _forget(self, key: str) -> None:
         self._cache.drop(key)
-        if self._shared is not None:
-            for instance in self._shared.instances:
-                instance._cache.drop(key)
+        self._store.invalidate(key)
+
+    def _where(self, key: str) -> str:
+        return self._store.where(key)
 
 
 # ---------------------------------------------------------------- command line

@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from jason import JASON  # noqa: E402
+from jason import JASON, JasonError  # noqa: E402
 
 USERS = 1000
 CONCURRENT = 100
@@ -135,7 +135,8 @@ class AiogramBotTest(ChallengeScenario, unittest.IsolatedAsyncioTestCase):
                 await self.run_scenario(folder)
             finally:
                 await dispatcher.emit_shutdown(dispatcher=dispatcher, bot=bot, bots=[bot])
-            self.assertTrue(dispatcher["db"]._closed)
+            with self.assertRaisesRegex(JasonError, "is closed"):  # the shutdown hook closed it
+                await dispatcher["db"].user_ids()
 
     def replies(self) -> list[tuple[int, str]]:
         return self.session.sent
@@ -206,7 +207,8 @@ class PTBBotTest(ChallengeScenario, unittest.IsolatedAsyncioTestCase):
             finally:
                 await application.post_shutdown(application)  # and at shutdown
                 await application.shutdown()
-            self.assertTrue(application.bot_data["db"]._closed)
+            with self.assertRaisesRegex(JasonError, "is closed"):  # the shutdown hook closed it
+                await application.bot_data["db"].user_ids()
 
     def replies(self) -> list[tuple[int, str]]:
         return self.request.sent
