@@ -52,7 +52,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable, Final, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Final, Literal, NoReturn, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -1047,28 +1047,42 @@ async def _in_thread(func: Callable[..., _T], *args: Any) -> _T:
     return await _wait_for_thread(_io_executor().submit(func, *args))
 
 
+# ---------------------------------------------------------------- the store interface
+#
+# A store is where a JASON's records live: a folder, a PostgreSQL table or a
+# Redis hash. JASON itself keeps what is the same everywhere (ids, value
+# checks, defaults, fresh copies, per-user locks, the cache); a store keeps
+# the rest. Keys are canonical user ids; records are compact JSON bytes.
+
+
+class _Store(Protocol):
+    location: str  # where the records are, fit to show (never a password)
+    caches: bool  # True when JASON may cache records: no other process can change them
+    closed: bool
+    locks: _UserLocks  # the per-user lock registry (shared by the instances of one folder)
+
+    @property
+    def folder(self) -> str: ...  # the folder's path; JasonError for a server
+
+    def check_writable(self, operation: str) -> None: ...  # raise unless a write may happen now
+    def share_cache(self, cache: _RecordCache) -> None: ...  # let invalidate() reach this cache
+    def invalidate(self, key: str) -> None: ...  # drop key from every cache that shares the records
+    def where(self, key: str) -> str: ...  # where one record is, for messages
+    async def read(self, key: str) -> bytes | None: ...
+    async def write(self, key: str, data: bytes, operation: str) -> None: ...
+    async def delete(self, key: str, operation: str) -> bool: ...  # True when there was a record
+    async def exists(self, key: str) -> bool: ...
+    async def keys(self) -> list[str]: ...  # every stored key, sorted
+    async def quarantine(self, key: str, operation: str) -> str: ...  # move a corrupt record aside; where to
+
+    # An edit's records: cross-process exclusion where the store needs it, and
+    # an object with read, write and quarantine that work inside it.
+    def transaction(self, key: str) -> contextlib.AbstractAsyncContextManager[Any]: ...
+
+    async def close(self) -> None: ...  # after the writes under way
+
+
 # ---------------------------------------------------------------- the folder store
-#
-# A store is where a JASON's records live. JASON itself keeps what is the same
-# everywhere (ids, value checks, defaults, fresh copies, per-user locks, the
-# cache); a store keeps the rest, behind these methods, all taking canonical
-# user keys and compact JSON bytes:
-#
-#   location              where the records are, fit to show (never a password)
-#   where(key)            where one record is, for messages
-#   caches                True when JASON may cache records (no other writer can change them)
-#   locks                 the per-user lock registry to use (shared where the store is)
-#   check_writable(op)    raise unless a write may happen now (closed, readonly, forked)
-#   share_cache(cache)    make invalidate() reach this cache too
-#   invalidate(key)       drop key from every cache that shares the store's records
-#   read(key)             the stored bytes, or None
-#   write(key, data, op)  store data as the whole record
-#   delete(key, op)       True when there was a record
-#   exists(key), keys()   whether a record exists; every stored key, sorted
-#   quarantine(key, op)   move a corrupt record aside; where it went
-#   transaction(key)      an async context for an edit: cross-process exclusion where
-#                         the store needs it; gives an object with read, write, quarantine
-#   close()               release what the store holds, after the writes under way
 
 
 class _FolderStore:
@@ -1174,6 +1188,443 @@ class _FolderStore:
             await self._shared.detach(self)
 
 
+# ---------------------------------------------------------------- the server stores
+#
+# The same records on PostgreSQL (asyncpg) or Redis (redis-py's asyncio client),
+# for a bot that has outgrown one process: many processes and machines may
+# write at once, so these stores allow no cache, and an edit excludes the
+# other processes' writes of that user (PostgreSQL: a row lock; Redis: a lock
+# key that every write checks). Records are the same compact JSON bytes as in
+# a folder, so a copy between any two locations is exact.
+
+_SERVER_SCHEMES: Final = {
+    "postgresql": "postgres", "postgres": "postgres", "redis": "redis", "rediss": "redis", "unix": "redis",
+}
+_DRIVERS: Final = {"postgres": ("asyncpg", "jason-db[postgres]"), "redis": ("redis", "jason-db[redis]")}
+DEFAULT_NAMESPACE: Final = "jason"
+_NAMESPACE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
+# How long a Redis edit lock lives without renewal: a process that dies inside
+# an edit blocks that user for at most this long. A live edit renews it.
+EDIT_LOCK_SECONDS: Final = 30
+
+
+def _server_kind(location: object) -> str | None:
+    """"postgres" or "redis" for a server URL, None for a folder path."""
+    if not isinstance(location, str) or "://" not in location:
+        return None
+    return _SERVER_SCHEMES.get(location.split("://", 1)[0].lower())
+
+
+def _redacted(url: str) -> str:
+    """url without its password, fit for messages, repr and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _import_driver(kind: str) -> Any:
+    import importlib
+
+    module, extra = _DRIVERS[kind]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise JasonError(f"a {kind} location needs the {module} package: pip install \"{extra}\"") from None
+
+
+# PostgreSQL's text type cannot hold NUL or a lone surrogate, both valid in ids:
+# those, and "%" itself, are written as %xx of their UTF-8 bytes. Every other id
+# is stored as it is, so the user_id column stays readable.
+_SQL_UNSAFE_ID: Final = re.compile("[%\x00\ud800-\udfff]")
+
+
+def _sql_id(key: str) -> str:
+    return _SQL_UNSAFE_ID.sub(lambda m: _escape_char(m[0]), key) if _SQL_UNSAFE_ID.search(key) else key
+
+
+def _key_from_sql_id(text: str) -> str:
+    if "%" not in text:
+        return text
+    return _ESCAPE.sub(lambda m: bytes.fromhex(m[1].decode()), text.encode("utf-8")).decode("utf-8", "surrogatepass")
+
+
+# PostgreSQL cannot turn a \u0000 escape into text, and one such record makes every
+# JSON query over the table fail. So a record is stored with each NUL as the two
+# private-use characters U+E000 U+E001, and each U+E000 as U+E000 U+E000: the
+# stored text has no NUL, and reading reverses it exactly. Escaped backslashes
+# are matched first, so a literal "\\u0000" in a string is left alone.
+_NUL_OR_MARK: Final = re.compile(rb"\\\\|\\u0000|\xee\x80\x80")
+_MARKED: Final = re.compile(rb"\xee\x80\x80(\xee\x80[\x80\x81])")
+_MARK_FOR: Final = {b"\\\\": b"\\\\", b"\\u0000": b"\xee\x80\x80\xee\x80\x81",
+                    b"\xee\x80\x80": b"\xee\x80\x80\xee\x80\x80"}
+
+
+def _without_nul(data: bytes) -> bytes:
+    if b"\\u0000" not in data and b"\xee\x80\x80" not in data:
+        return data
+    return _NUL_OR_MARK.sub(lambda m: _MARK_FOR[m[0]], data)
+
+
+def _with_nul(data: bytes) -> bytes:
+    if b"\xee\x80\x80" not in data:
+        return data
+    return _MARKED.sub(lambda m: b"\\u0000" if m[1] == b"\xee\x80\x81" else b"\xee\x80\x80", data)
+
+
+class _ServerStore:
+    """What both server stores share: no cache, a lock registry of their own, the guard, one client per loop."""
+
+    caches = False
+
+    def __init__(self, url: str, kind: str, *, namespace: str, durable: bool, readonly: bool) -> None:
+        if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+            raise ValueError(f"namespace must be a letter or _ then up to 40 letters, digits or _, not {namespace!r}")
+        self.driver = _import_driver(kind)
+        self.url = url
+        self.location = _redacted(url)
+        self.namespace = namespace
+        self.durable = durable
+        self.readonly = readonly
+        self.closed = False
+        self.locks = _UserLocks()
+        self._client: Any = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def folder(self) -> str:
+        raise JasonError(f"{self.location} is a server location, not a folder")
+
+    def check_writable(self, operation: str) -> None:
+        if self.closed:
+            raise JasonError(
+                f"{operation} refused: this JASON for {self.location} was closed, so nothing was written; "
+                "open a new one"
+            )
+        if self.readonly:
+            raise ReadOnlyError(self.location, operation)
+
+    def share_cache(self, cache: _RecordCache) -> None:
+        pass  # no cache to share: the cache is off for servers
+
+    def invalidate(self, key: str) -> None:
+        pass
+
+    def where(self, key: str) -> str:
+        return f"{self.location} user {key!r}"
+
+    async def client(self) -> Any:
+        """The connection pool or client for the running loop, made on first use."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            # A pool belongs to the loop that made it: successive asyncio.run() calls get new ones.
+            self._client = await self._connect()
+            self._client_loop = loop
+        return self._client
+
+    async def _connect(self) -> Any:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        self.closed = True
+        client, self._client = self._client, None
+        if client is not None and self._client_loop is asyncio.get_running_loop():
+            await self._disconnect(client)
+
+    async def _disconnect(self, client: Any) -> None:
+        raise NotImplementedError
+
+
+class _PostgresStore(_ServerStore):
+    """Records as rows (user_id text PRIMARY KEY, data json) of one table, by default "jason".
+
+    The json type keeps the record's text exactly (jsonb would reorder keys
+    and respell numbers), and PostgreSQL's JSON operators work on it:
+    SELECT user_id FROM jason WHERE (data->>'balance')::int > 100.
+    """
+
+    def __init__(self, url: str, *, namespace: str, durable: bool, readonly: bool) -> None:
+        super().__init__(url, "postgres", namespace=namespace, durable=durable, readonly=readonly)
+        self.table = f'"{namespace}"'
+        self._schema_ready = False
+
+    async def _connect(self) -> Any:
+        settings = {"synchronous_commit": "on" if self.durable else "off"}
+        pool = await self.driver.create_pool(self.url, min_size=1, max_size=16, server_settings=settings)
+        if self.durable:
+            fsync = await pool.fetchval("SHOW fsync")
+            if fsync != "on":
+                await pool.close()
+                raise JasonError(f"{self.location} runs with fsync={fsync}, so a commit may not survive a crash "
+                                 "of its machine; turn fsync on in postgresql.conf, or pass durable=False")
+        return pool
+
+    async def _disconnect(self, client: Any) -> None:
+        await client.close()
+
+    async def _pool(self, writing: bool = False) -> Any:
+        pool = await self.client()
+        if writing and not self._schema_ready:
+            # Made by the first write, never by a readonly instance.
+            await pool.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (user_id text PRIMARY KEY, data json)")
+            self._schema_ready = True
+        return pool
+
+    async def _read_with(self, connection: Any, key: str, lock: str = "") -> bytes | None:
+        try:
+            text = await connection.fetchval(
+                f"SELECT data FROM {self.table} WHERE user_id = $1{lock}", _sql_id(key))
+        except self.driver.UndefinedTableError:
+            return None  # nothing written yet (a readonly instance creates no table)
+        return None if text is None else _with_nul(text.encode("utf-8"))
+
+    async def read(self, key: str) -> bytes | None:
+        return await self._read_with(await self._pool(), key)
+
+    async def write(self, key: str, data: bytes, operation: str) -> None:
+        self.check_writable(operation)
+        pool = await self._pool(writing=True)
+        await pool.execute(
+            f"INSERT INTO {self.table} (user_id, data) VALUES ($1, $2) "
+            "ON CONFLICT (user_id) DO UPDATE SET data = EXCLUDED.data",
+            _sql_id(key), _without_nul(data).decode("utf-8"),
+        )
+
+    async def delete(self, key: str, operation: str) -> bool:
+        self.check_writable(operation)
+        pool = await self._pool(writing=True)
+        status = await pool.execute(f"DELETE FROM {self.table} WHERE user_id = $1 AND data IS NOT NULL",
+                                    _sql_id(key))
+        return bool(status != "DELETE 0")
+
+    async def exists(self, key: str) -> bool:
+        return await self.read(key) is not None
+
+    async def keys(self) -> list[str]:
+        try:
+            rows = await (await self._pool()).fetch(f"SELECT user_id FROM {self.table} WHERE data IS NOT NULL")
+        except self.driver.UndefinedTableError:
+            return []
+        return sorted(_key_from_sql_id(row[0]) for row in rows)
+
+    async def quarantine(self, key: str, operation: str, connection: Any = None) -> str:
+        self.check_writable(operation)
+        corrupt = f'"{self.namespace}_corrupt"'
+        pool = await self._pool(writing=True)
+        async with contextlib.AsyncExitStack() as stack:
+            if connection is None:
+                connection = await stack.enter_async_context(pool.acquire())
+                await stack.enter_async_context(connection.transaction())
+            await connection.execute(f"CREATE TABLE IF NOT EXISTS {corrupt} "
+                                     "(user_id text, data text, moved_at timestamptz DEFAULT now())")
+            await connection.execute(f"INSERT INTO {corrupt} (user_id, data) SELECT user_id, data::text "
+                                     f"FROM {self.table} WHERE user_id = $1", _sql_id(key))
+            await connection.execute(f"DELETE FROM {self.table} WHERE user_id = $1", _sql_id(key))
+        return f"{self.location} table {self.namespace}_corrupt"
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, key: str) -> AsyncIterator[_PostgresEdit]:
+        """A transaction holding the user's row lock: other processes' writes of the user wait for it."""
+        pool = await self._pool(writing=True)
+        async with pool.acquire() as connection, connection.transaction():
+            # A user with no row yet gets one (data NULL), so there is a row to lock; it is
+            # never seen by others, since the transaction either stores the record or rolls back.
+            await connection.execute(f"INSERT INTO {self.table} (user_id, data) VALUES ($1, NULL) "
+                                     "ON CONFLICT (user_id) DO NOTHING", _sql_id(key))
+            yield _PostgresEdit(self, connection)
+
+
+class _PostgresEdit:
+    """The records of one edit, inside its transaction."""
+
+    def __init__(self, store: _PostgresStore, connection: Any) -> None:
+        self.store = store
+        self.connection = connection
+
+    async def read(self, key: str) -> bytes | None:
+        return await self.store._read_with(self.connection, key, lock=" FOR UPDATE")
+
+    async def write(self, key: str, data: bytes, operation: str) -> None:
+        self.store.check_writable(operation)
+        await self.connection.execute(f"UPDATE {self.store.table} SET data = $2 WHERE user_id = $1",
+                                      _sql_id(key), _without_nul(data).decode("utf-8"))
+
+    async def quarantine(self, key: str, operation: str) -> str:
+        return await self.store.quarantine(key, operation, self.connection)
+
+
+# KEYS: the records hash, the user's lock key. ARGV: the user's field, the record, the
+# writer's lock token ("" outside an edit). A write waits while another process edits.
+_REDIS_WRITE: Final = """
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[3] then return 0 end
+if ARGV[3] ~= '' and holder ~= ARGV[3] then return -1 end
+if ARGV[2] == '' then return redis.call('HDEL', KEYS[1], ARGV[1]) + 1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+_REDIS_RENEW: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_REDIS_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class _RedisStore(_ServerStore):
+    """Records as fields of one hash, "<namespace>:users", each the record's compact JSON.
+
+    An edit holds a lock key, "<namespace>:lock:<id>", renewed while it is
+    open; every write is a script that first checks the lock, so no process
+    writes a user another process is editing.
+    """
+
+    def __init__(self, url: str, *, namespace: str, durable: bool, readonly: bool) -> None:
+        super().__init__(url, "redis", namespace=namespace, durable=durable, readonly=readonly)
+        self.hash = f"{namespace}:users".encode()
+        if durable and not readonly:
+            self._check_durability()
+
+    def _check_durability(self) -> None:
+        """Refuse durable=True unless the server fsyncs every write before it answers."""
+        client = self.driver.Redis.from_url(self.url, socket_timeout=10)
+        try:
+            config = client.config_get("append*")
+        except self.driver.ResponseError as exc:  # CONFIG disabled, as on some managed servers
+            raise JasonError(f"cannot read the persistence settings of {self.location} ({exc}); "
+                             "durable=True needs appendonly yes and appendfsync always: pass durable=False "
+                             "to accept what the server does") from None
+        finally:
+            client.close()
+        appendonly = config.get(b"appendonly", config.get("appendonly"))
+        appendfsync = config.get(b"appendfsync", config.get("appendfsync"))
+        if appendonly not in (b"yes", "yes") or appendfsync not in (b"always", "always"):
+            shown = [value.decode() if isinstance(value, bytes) else value for value in (appendonly, appendfsync)]
+            raise JasonError(
+                f"{self.location} has appendonly {shown[0]} and appendfsync {shown[1]}, so a write it "
+                "acknowledges can be lost in a crash of its machine; set appendonly yes and appendfsync "
+                "always (CONFIG SET, or redis.conf), or pass durable=False"
+            )
+
+    async def _connect(self) -> Any:
+        client = self.driver.asyncio.Redis.from_url(self.url)
+        self._write_script = client.register_script(_REDIS_WRITE)
+        self._renew_script = client.register_script(_REDIS_RENEW)
+        self._release_script = client.register_script(_REDIS_RELEASE)
+        return client
+
+    async def _disconnect(self, client: Any) -> None:
+        await client.aclose()
+
+    @staticmethod
+    def _field(key: str) -> bytes:
+        return key.encode("utf-8", "surrogatepass")
+
+    def _lock_key(self, key: str) -> bytes:
+        return f"{self.namespace}:lock:".encode() + self._field(key)
+
+    async def read(self, key: str) -> bytes | None:
+        value: bytes | None = await (await self.client()).hget(self.hash, self._field(key))
+        return value
+
+    async def _write(self, key: str, data: bytes, operation: str, token: bytes = b"") -> int:
+        """Run the write script, waiting while another process edits the user; its answer."""
+        self.check_writable(operation)
+        await self.client()
+        delay = 0.002
+        while True:
+            done = int(await self._write_script(keys=[self.hash, self._lock_key(key)],
+                                                args=[self._field(key), data, token]))
+            if done != 0:
+                return done
+            await asyncio.sleep(delay)  # another process edits this user: wait for its lock
+            delay = min(delay * 2, 0.05)
+
+    async def write(self, key: str, data: bytes, operation: str) -> None:
+        await self._write(key, data, operation)
+
+    async def delete(self, key: str, operation: str) -> bool:
+        return await self._write(key, b"", operation) == 2
+
+    async def exists(self, key: str) -> bool:
+        return bool(await (await self.client()).hexists(self.hash, self._field(key)))
+
+    async def keys(self) -> list[str]:
+        fields = await (await self.client()).hkeys(self.hash)
+        return sorted(field.decode("utf-8", "surrogatepass") for field in fields)
+
+    async def quarantine(self, key: str, operation: str, token: bytes = b"") -> str:
+        raw = await self.read(key)
+        corrupt = f"{self.namespace}:corrupt".encode()
+        if raw is not None:
+            await (await self.client()).hset(corrupt, self._field(key), raw)
+        await self._write(key, b"", operation, token)
+        return f"{self.location} hash {corrupt.decode()}"
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, key: str) -> AsyncIterator[_RedisEdit]:
+        """Hold the user's lock key for the edit, renewing it while the edit is open."""
+        client = await self.client()
+        token = secrets.token_hex(16).encode()
+        lock_key = self._lock_key(key)
+        milliseconds = EDIT_LOCK_SECONDS * 1000
+        delay = 0.002
+        while not await client.set(lock_key, token, nx=True, px=milliseconds):
+            await asyncio.sleep(delay)  # another process edits this user
+            delay = min(delay * 2, 0.05)
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(EDIT_LOCK_SECONDS / 3)
+                await self._renew_script(keys=[lock_key], args=[token, milliseconds])
+
+        renewing = asyncio.ensure_future(renew())
+        try:
+            yield _RedisEdit(self, token)
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+            await self._release_script(keys=[lock_key], args=[token])
+
+
+class _RedisEdit:
+    """The records of one edit, under its lock key."""
+
+    def __init__(self, store: _RedisStore, token: bytes) -> None:
+        self.store = store
+        self.token = token
+
+    async def read(self, key: str) -> bytes | None:
+        return await self.store.read(key)
+
+    async def write(self, key: str, data: bytes, operation: str) -> None:
+        if await self.store._write(key, data, operation, self.token) == -1:
+            raise JasonError(f"{operation} of user {key!r} lost its lock on {self.store.location} (it was "
+                             f"held past {EDIT_LOCK_SECONDS} s without renewal); nothing was written")
+
+    async def quarantine(self, key: str, operation: str) -> str:
+        return await self.store.quarantine(key, operation, self.token)
+
+
+def _open_store(location: str | os.PathLike[str], *, namespace: str, durable: bool, readonly: bool) -> Any:
+    """The store for a folder path or a server URL."""
+    kind = _server_kind(location)
+    if kind == "postgres":
+        return _PostgresStore(str(location), namespace=namespace, durable=durable, readonly=readonly)
+    if kind == "redis":
+        return _RedisStore(str(location), namespace=namespace, durable=durable, readonly=readonly)
+    if namespace != DEFAULT_NAMESPACE:
+        raise ValueError("namespace names a table or key prefix on a server; a folder is its own namespace")
+    return _FolderStore(location, durable=durable, readonly=readonly)
+
+
 # ---------------------------------------------------------------- the database
 
 
@@ -1195,8 +1646,15 @@ class JASON:
         cache_size: int | None = DEFAULT_CACHE_SIZE,
         readonly: bool = False,
         on_corrupt: Literal["raise", "quarantine"] = "raise",
+        namespace: str = DEFAULT_NAMESPACE,
     ) -> None:
-        """Open (and, unless readonly, create) db_folder.
+        """Open (and, unless readonly, create) db_folder: a folder path, or a server URL.
+
+        A URL postgresql://... or postgres://... keeps the records in a
+        PostgreSQL table, redis://..., rediss://... or unix://... in a Redis
+        hash; namespace names that table or key prefix, so several databases
+        can share one server. Server locations need their driver (asyncpg,
+        redis), imported only then, and keep no cache.
 
         on_corrupt="raise" (the default) makes a load of a corrupt record raise
         CorruptDataError and leaves the file alone. "quarantine" moves the file
@@ -1223,8 +1681,8 @@ class JASON:
         self._pretty = pretty
         self._readonly = readonly
         self._quarantine = on_corrupt == "quarantine" and not readonly
-        self._store = _FolderStore(db_folder, durable=durable, readonly=readonly)
-        self._locks = self._store.locks
+        self._store: _Store = _open_store(db_folder, namespace=namespace, durable=durable, readonly=readonly)
+        self._locks: _UserLocks = self._store.locks
         self._cache = _RecordCache(cache_size if self._store.caches else 0)
         self._store.share_cache(self._cache)
 
@@ -1240,8 +1698,13 @@ class JASON:
 
     @property
     def folder(self) -> str:
-        """The absolute path of the database folder."""
+        """The absolute path of the database folder; JasonError for a server location."""
         return self._store.folder
+
+    @property
+    def location(self) -> str:
+        """The folder's absolute path, or the server URL without its password."""
+        return self._store.location
 
     async def close(self) -> None:
         """Forget the cache and release the writer lock once no other instance here uses it.
