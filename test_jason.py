@@ -2284,6 +2284,7 @@ class CLITest(unittest.TestCase):
         _, stderr = process.communicate(timeout=CHILD_TIMEOUT)
         return process.returncode, stderr
 
+    @slow  # needs the 10,000-user folder, so that the export is still running when Ctrl-C comes
     @unittest.skipIf(sys.platform == "win32", "SIGINT")
     def test_ctrl_c_during_export_leaves_no_half_file(self) -> None:
         out = os.path.join(self._tmp.name, "interrupted.jsonl")
