@@ -1294,6 +1294,7 @@ class _ServerStore:
         self.locks = _UserLocks()
         self._client: Any = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._open_edits = 0
 
     @property
     def folder(self) -> str:
@@ -1330,10 +1331,26 @@ class _ServerStore:
         raise NotImplementedError
 
     async def close(self) -> None:
+        """Close the client once no edit is open; the writes under way finish first."""
         self.closed = True
+        if self._open_edits == 0:
+            await self._release_client()
+
+    async def _release_client(self) -> None:
         client, self._client = self._client, None
         if client is not None and self._client_loop is asyncio.get_running_loop():
             await self._disconnect(client)
+
+    @contextlib.asynccontextmanager
+    async def _counting_edit(self) -> AsyncIterator[None]:
+        """Count an open edit, so that close() never waits for the edit that calls it."""
+        self._open_edits += 1
+        try:
+            yield
+        finally:
+            self._open_edits -= 1
+            if self.closed and self._open_edits == 0:  # close() was called meanwhile: the last edit closes
+                await self._release_client()
 
     async def _disconnect(self, client: Any) -> None:
         raise NotImplementedError
@@ -1369,8 +1386,10 @@ class _PostgresStore(_ServerStore):
     async def _pool(self, writing: bool = False) -> Any:
         pool = await self.client()
         if writing and not self._schema_ready:
-            # Made by the first write, never by a readonly instance.
-            await pool.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (user_id text PRIMARY KEY, data json)")
+            # Made by the first write, never by a readonly instance. Two first writes racing
+            # can both try: CREATE TABLE IF NOT EXISTS is not atomic, and the loser's error means done.
+            with contextlib.suppress(self.driver.UniqueViolationError, self.driver.DuplicateTableError):
+                await pool.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (user_id text PRIMARY KEY, data json)")
             self._schema_ready = True
         return pool
 
@@ -1430,7 +1449,7 @@ class _PostgresStore(_ServerStore):
     async def transaction(self, key: str) -> AsyncIterator[_PostgresEdit]:
         """A transaction holding the user's row lock: other processes' writes of the user wait for it."""
         pool = await self._pool(writing=True)
-        async with pool.acquire() as connection, connection.transaction():
+        async with self._counting_edit(), pool.acquire() as connection, connection.transaction():
             # A user with no row yet gets one (data NULL), so there is a row to lock; it is
             # never seen by others, since the transaction either stores the record or rolls back.
             await connection.execute(f"INSERT INTO {self.table} (user_id, data) VALUES ($1, NULL) "
@@ -1585,13 +1604,14 @@ class _RedisStore(_ServerStore):
                 await self._renew_script(keys=[lock_key], args=[token, milliseconds])
 
         renewing = asyncio.ensure_future(renew())
-        try:
-            yield _RedisEdit(self, token)
-        finally:
-            renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewing
-            await self._release_script(keys=[lock_key], args=[token])
+        async with self._counting_edit():
+            try:
+                yield _RedisEdit(self, token)
+            finally:
+                renewing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewing
+                await self._release_script(keys=[lock_key], args=[token])
 
 
 class _RedisEdit:
@@ -1752,6 +1772,7 @@ class JASON:
         """
         key = self._key(user_id)
         self._store.check_writable("save_user_data")
+        _file_name(key)  # every backend takes the ids a folder can name, so records can move between them
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a dict, not {type(data).__name__}")
         if not isinstance(data, dict):
