@@ -289,7 +289,7 @@ class ThrowawayServers:
     def __init__(self) -> None:
         self._work: tempfile.TemporaryDirectory[str] | None = None
         self._urls: dict[str, str] = {}
-        self._stops: list[Callable[[], None]] = []
+        self._stops: list[Callable[[], object]] = []
         self.namespaces = (f"t{n}" for n in itertools.count())
 
     def _folder(self, name: str) -> str:
@@ -445,10 +445,10 @@ class FolderMixin(unittest.IsolatedAsyncioTestCase):
 
         client = redis.asyncio.Redis.from_url(self.location)
         try:
-            value: bytes | None = await client.hget(f'{self.options["namespace"]}:users', key)
+            value = await client.hget(f'{self.options["namespace"]}:users', key)
         finally:
             await client.aclose()
-        return value
+        return value if value is None or isinstance(value, bytes) else value.encode()
 
     async def stored(self, user_id: int | str) -> object:
         raw = await self.stored_bytes(user_id)
