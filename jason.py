@@ -1371,7 +1371,7 @@ class _PostgresStore(_ServerStore):
 
     async def _connect(self) -> Any:
         settings = {"synchronous_commit": "on" if self.durable else "off"}
-        pool = await self.driver.create_pool(self.url, min_size=1, max_size=16, server_settings=settings)
+        pool = await self.driver.create_pool(self.url, min_size=0, max_size=16, server_settings=settings)
         if self.durable:
             fsync = await pool.fetchval("SHOW fsync")
             if fsync != "on":

@@ -417,7 +417,7 @@ class FolderMixin(unittest.IsolatedAsyncioTestCase):
 
     def open_db(self, **options: object) -> JASON:
         options.setdefault("default_structure", DEFAULT)
-        db = JASON(self.location, **self.options, **options)  # type: ignore[arg-type]
+        db = JASON(self.location, **{**self.options, **options})  # type: ignore[arg-type]
         self._opened.append(db)
         return db
 
@@ -1846,6 +1846,220 @@ class LockFileTest(unittest.TestCase):
 
 on_every_backend(ConstructionTest, LoadTest, SaveTest, EditTest, DeleteTest, UserIdsTest, UserIdMappingTest,
                  BadInputSweepTest, ConcurrencyTest, CloseTest, ReentryTest)
+
+
+# ---------------------------------------------------------------- server backends
+
+
+EDITING_PROCESS = """
+import asyncio, sys, jason
+location, namespace = sys.argv[1], sys.argv[2]
+async def main():
+    async with jason.JASON(location, namespace=namespace) as db:
+        async def add_one():
+            async with db.edit_user_data("shared") as data:
+                value = data.get("n", 0)
+                await asyncio.sleep(0)
+                data["n"] = value + 1
+        await asyncio.gather(*(add_one() for _ in range(250)))
+asyncio.run(main())
+"""
+
+
+if TYPE_CHECKING:  # mixed into FolderMixin by the concrete classes below
+    _ServerBase = FolderMixin
+else:
+    _ServerBase = object
+
+
+class ServerBackendMixin(_ServerBase):
+    """What only a server backend has: many writer processes, a server that can go away, settings, secrets."""
+
+    async def test_edits_from_four_processes_lose_no_update(self) -> None:
+        children = [subprocess.Popen([sys.executable, "-c", EDITING_PROCESS, self.location, self.options["namespace"]],
+                                     env=child_env(), stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        for child in children:
+            _, stderr = await asyncio.to_thread(child.communicate, timeout=CHILD_TIMEOUT * 2)
+            self.assertEqual(child.returncode, 0, stderr)
+        self.assertEqual(await self.stored("shared"), {"n": 1000})
+
+    async def test_a_save_in_one_process_is_seen_at_once_by_another(self) -> None:
+        other = self.open_db()
+        for version in range(20):
+            await self.db.save_user_data(1, {"v": version})
+            self.assertEqual((await other.load_user_data(1))["v"], version)  # no cache to go stale
+        await other.delete_user_data(1)
+        self.assertFalse(await self.db.user_exists(1))
+
+    async def test_a_save_from_elsewhere_waits_for_an_open_edit(self) -> None:
+        elsewhere = self.open_db()  # its own locks and connections: as good as another process
+        await self.db.save_user_data(1, {"by": "first"})
+        async with self.db.edit_user_data(1) as data:
+            save = asyncio.create_task(elsewhere.save_user_data(1, {"by": "save"}))
+            done, _ = await asyncio.wait({save}, timeout=0.3)
+            self.assertEqual(done, set(), "a save landed inside another process's edit")
+            data["by"] = "edit"
+        await save
+        self.assertEqual(await self.stored(1), {"by": "save"})  # the save came after the edit
+
+    async def test_readonly_creates_nothing(self) -> None:
+        reader = self.open_db(readonly=True, namespace="never_written")
+        self.assertEqual(await reader.user_ids(), [])
+        self.assertEqual(await reader.load_user_data(1), DEFAULT)
+        self.assertFalse(await reader.user_exists(1))
+        with self.assertRaises(ReadOnlyError):
+            await reader.save_user_data(1, {})
+        self.assertEqual(await self.server_names("never_written"), [])
+
+    async def test_namespaces_keep_databases_apart(self) -> None:
+        other = self.open_db(namespace=self.options["namespace"] + "_other")
+        await self.db.save_user_data(1, {"mine": True})
+        await other.save_user_data(2, {"theirs": True})
+        self.assertEqual(await self.db.user_ids(), ["1"])
+        self.assertEqual(await other.user_ids(), ["2"])
+        with self.assertRaisesRegex(ValueError, "namespace"):
+            self.open_db(namespace="bad name; DROP TABLE x")
+
+    async def test_passwords_never_appear_in_errors_or_repr(self) -> None:
+        url = {"postgres": "postgresql://bot:hunter2secret@127.0.0.1:9/db",
+               "redis": "redis://bot:hunter2secret@127.0.0.1:9/0"}[self.backend]
+        db = JASON(url, durable=False)
+        self.assertNotIn("hunter2secret", repr(db) + db.location)
+        self.assertIn("***", db.location)
+        with self.assertRaises(Exception) as caught:
+            await db.load_user_data(1)
+        self.assertNotIn("hunter2secret", f"{caught.exception} {caught.exception!r}")
+        await db.close()
+
+    def test_a_missing_driver_names_the_command_that_installs_it(self) -> None:
+        module, extra = {"postgres": ("asyncpg", "postgres"), "redis": ("redis", "redis")}[self.backend]
+        result = run_child(f"""
+            import sys
+            sys.modules[{module!r}] = None
+            import jason
+            try:
+                jason.JASON({self.location!r})
+            except jason.JasonError as exc:
+                print(exc)
+        """)
+        self.assertIn(f'pip install "jason-db[{extra}]"', result.stdout, result.stderr)
+
+    async def test_the_same_instance_works_again_after_the_server_restarts(self) -> None:
+        for user in range(20):
+            await self.db.save_user_data(user, {"acknowledged": user})
+        self.stop_server()
+        try:
+            with self.assertRaises(Exception) as caught:
+                await self.db.save_user_data(99, {"during": "outage"})
+            self.assertIsInstance(caught.exception, (OSError, JasonError, *self.driver_errors()))
+        finally:
+            self.start_server()
+        deadline = time.monotonic() + CHILD_TIMEOUT
+        while True:  # the first calls after a restart may still meet the closed connections
+            try:
+                await self.db.save_user_data(100, {"after": "restart"})
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        for user in range(20):
+            self.assertEqual(await self.db.load_user_data(user), {**DEFAULT, "acknowledged": user})
+        self.assertEqual((await self.db.load_user_data(100))["after"], "restart")
+
+
+@slow
+@unittest.skipUnless(HAVE_POSTGRES, "needs PostgreSQL and asyncpg")
+class PostgresServerTest(ServerBackendMixin, FolderMixin):
+    backend = "postgres"
+
+    async def server_names(self, namespace: str) -> list[str]:
+        import asyncpg
+
+        connection = await asyncpg.connect(self.location)
+        try:
+            rows = await connection.fetch("SELECT tablename FROM pg_tables WHERE tablename LIKE $1", namespace + "%")
+        finally:
+            await connection.close()
+        return [row[0] for row in rows]
+
+    def driver_errors(self) -> tuple[type[BaseException], ...]:
+        import asyncpg
+
+        return (asyncpg.PostgresError, asyncpg.InterfaceError)
+
+    def stop_server(self) -> None:
+        SERVERS.run(*SERVERS.postgres_ctl, "-m", "immediate", "stop")
+
+    def start_server(self) -> None:
+        SERVERS.run(*SERVERS.postgres_start)
+
+    async def test_records_stay_queryable_with_json_operators_even_with_a_nul(self) -> None:
+        await self.db.save_user_data("nul", {"challenge_balance": 1, "text": "a\x00b \ue000 \\u0000"})
+        await self.db.save_user_data("rich", {"challenge_balance": 150})
+        self.assertEqual((await self.db.load_user_data("nul"))["text"], "a\x00b \ue000 \\u0000")
+        table = self.options["namespace"]
+        rows = SERVERS.run("psql", "-h", SERVERS.postgres_sockets, "-U", "postgres", "-At", "-c",
+                           f"SELECT user_id FROM {table} WHERE (data->>'challenge_balance')::int > 100")
+        self.assertEqual(rows, "rich\n")
+
+    async def test_durable_refuses_a_server_without_fsync(self) -> None:
+        self.stop_server()
+        SERVERS.run(*SERVERS.postgres_start[:-1], "-o", "-c fsync=off", "start")
+        try:
+            db = JASON(self.location, **self.options)
+            with self.assertRaisesRegex(JasonError, "fsync=off.*durable=False"):
+                await db.load_user_data(1)
+            await db.close()
+            fast = self.open_db(durable=False)
+            await fast.save_user_data(1, {"fast": True})
+        finally:
+            self.stop_server()
+            self.start_server()
+
+
+@slow
+@unittest.skipUnless(HAVE_REDIS, "needs Redis and redis-py")
+class RedisServerTest(ServerBackendMixin, FolderMixin):
+    backend = "redis"
+
+    async def server_names(self, namespace: str) -> list[str]:
+        return sorted(SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "--scan", "--pattern",
+                                  namespace + "*").split())
+
+    def driver_errors(self) -> tuple[type[BaseException], ...]:
+        import redis
+
+        return (redis.RedisError,)
+
+    def stop_server(self) -> None:
+        SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "shutdown")
+
+    def start_server(self) -> None:
+        SERVERS.run(*SERVERS.redis_start)
+        deadline = time.monotonic() + CHILD_TIMEOUT
+        while SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "ping").strip() != "PONG":
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+
+    async def test_durable_refuses_a_server_that_does_not_fsync_every_write(self) -> None:
+        SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "config", "set", "appendfsync", "everysec")
+        try:
+            with self.assertRaisesRegex(JasonError, "appendfsync everysec.*appendfsync always.*durable=False"):
+                JASON(self.location, **self.options)
+            fast = self.open_db(durable=False)
+            await fast.save_user_data(1, {"fast": True})
+        finally:
+            SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "config", "set", "appendfsync", "always")
+
+    async def test_an_edit_held_by_a_dead_process_blocks_only_until_its_lock_expires(self) -> None:
+        lock_key = f"{self.options['namespace']}:lock:1"
+        SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "set", lock_key, "dead-process", "px", "300")
+        started = time.monotonic()
+        async with self.db.edit_user_data(1) as data:
+            data["after"] = "the lock expired"
+        self.assertGreaterEqual(time.monotonic() - started, 0.25)
+        self.assertEqual((await self.stored(1))["after"], "the lock expired")  # type: ignore[index]
 
 
 # ---------------------------------------------------------------- durability: syscalls and power cuts
