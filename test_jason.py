@@ -1875,6 +1875,19 @@ else:
 class ServerBackendMixin(_ServerBase):
     """What only a server backend has: many writer processes, a server that can go away, settings, secrets."""
 
+    async def server_names(self, namespace: str) -> list[str]:
+        """The tables or keys the server holds for namespace."""
+        raise NotImplementedError
+
+    def driver_errors(self) -> tuple[type[BaseException], ...]:
+        raise NotImplementedError
+
+    def stop_server(self) -> None:
+        raise NotImplementedError
+
+    def start_server(self) -> None:
+        raise NotImplementedError
+
     async def test_edits_from_four_processes_lose_no_update(self) -> None:
         children = [subprocess.Popen([sys.executable, "-c", EDITING_PROCESS, self.location, self.options["namespace"]],
                                      env=child_env(), stderr=subprocess.PIPE, text=True) for _ in range(4)]
@@ -2007,7 +2020,7 @@ class PostgresServerTest(ServerBackendMixin, FolderMixin):
         self.stop_server()
         SERVERS.run(*SERVERS.postgres_start[:-1], "-o", "-c fsync=off", "start")
         try:
-            db = JASON(self.location, **self.options)
+            db = JASON(self.location, namespace=self.options["namespace"])
             with self.assertRaisesRegex(JasonError, "fsync=off.*durable=False"):
                 await db.load_user_data(1)
             await db.close()
@@ -2046,7 +2059,7 @@ class RedisServerTest(ServerBackendMixin, FolderMixin):
         SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "config", "set", "appendfsync", "everysec")
         try:
             with self.assertRaisesRegex(JasonError, "appendfsync everysec.*appendfsync always.*durable=False"):
-                JASON(self.location, **self.options)
+                JASON(self.location, namespace=self.options["namespace"])
             fast = self.open_db(durable=False)
             await fast.save_user_data(1, {"fast": True})
         finally:
