@@ -55,7 +55,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Final, Literal, NoReturn, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
 
 # ---------------------------------------------------------------- optional back-ends
 
@@ -1987,26 +1987,22 @@ class _CommandError(Exception):
     """A command's failure, reported as one line on stderr with exit status 1."""
 
 
-class _Interrupted(Exception):
-    """Ctrl-C during a command, with what it had done: one line on stderr, exit status 130."""
-
-
 class _UsageError(Exception):
     """A mistake in the command's words: usage, the error and a hint on stderr, exit status 2."""
 
 
-_COMMANDS: Final = ("ls", "get", "set", "rm", "check", "export", "import", "stats", "upgrade")
+_COMMANDS: Final = ("ls", "get", "set", "rm", "check", "export", "import", "copy", "stats", "upgrade")
 _READ_ONLY_COMMANDS: Final = "ls, get, check, export and stats"
 # Users saved at once by import: enough for their fsyncs to overlap.
 _IMPORT_CONCURRENCY: Final = 64
 
 
-def _open_folder(folder: str, *, write: bool = False, create: bool = False) -> JASON:
-    """Open folder for a command; a missing folder is an error unless create is set."""
-    if not create and not os.path.isdir(os.path.expanduser(folder)):
-        raise _CommandError(f"no JASON folder at {folder}")
+def _open_location(location: str, *, write: bool = False, create: bool = False, durable: bool = True) -> JASON:
+    """Open a folder or server URL for a command; a missing folder is an error unless create is set."""
+    if _server_kind(location) is None and not create and not os.path.isdir(os.path.expanduser(location)):
+        raise _CommandError(f"no JASON folder at {location}")
     try:
-        return JASON(folder, readonly=not write)
+        return JASON(location, readonly=not write, durable=durable)
     except DatabaseLockedError as exc:  # the library's advice (readonly=True) means nothing here
         raise _CommandError(
             f"{exc.folder} is open for writing by {exc.holder}; stop it first "
@@ -2035,15 +2031,22 @@ def _read_stored_record(folder: str, key: str) -> dict[str, Any] | None:
     return _read_record_file_sync(os.path.join(folder, _file_name(key)))
 
 
+async def _stored_record(db: JASON, key: str) -> dict[str, Any] | None:
+    """The user's record as stored (defaults not merged), on any backend; None when there is none."""
+    store = db._store  # the command line reads records as they are, past the defaults and the cache
+    raw = await store.read(key)
+    return None if raw is None else _parse_record(raw, store.where(key))
+
+
 def _json_error_position(exc: ValueError) -> str:
     if isinstance(exc, json.JSONDecodeError):  # orjson's error is a subclass
         return f"line {exc.lineno} column {exc.colno}: {exc.msg}"
     return str(exc)
 
 
-def _cmd_ls(args: Any) -> int:
-    db = _open_folder(args.folder)
-    keys = _list_user_keys_sync(db.folder)
+async def _cmd_ls(args: Any) -> int:
+    async with _open_location(args.location) as db:
+        keys = await db.user_ids()
     if args.count:
         print(len(keys))
     else:
@@ -2052,17 +2055,17 @@ def _cmd_ls(args: Any) -> int:
     return 0
 
 
-def _cmd_get(args: Any) -> int:
+async def _cmd_get(args: Any) -> int:
     key = _command_key(args.user_id)
-    db = _open_folder(args.folder)
-    data = _read_stored_record(db.folder, key)
-    if data is None:
-        raise _CommandError(f"no user {_shown_id(key)} in {db.folder}")
+    async with _open_location(args.location) as db:
+        data = await _stored_record(db, key)
+        if data is None:
+            raise _CommandError(f"no user {_shown_id(key)} in {db.location}")
     print(json.dumps(data, indent=2, ensure_ascii=False))
     return 0
 
 
-def _cmd_set(args: Any) -> int:
+async def _cmd_set(args: Any) -> int:
     key = _command_key(args.user_id)
     try:
         data = _loads_input(sys.stdin.buffer.read())
@@ -2070,26 +2073,16 @@ def _cmd_set(args: Any) -> int:
         raise _CommandError(f"stdin is not valid JSON: {_json_error_position(exc)}") from None
     if not isinstance(data, dict):
         raise _CommandError(f"stdin holds a JSON {type(data).__name__}; a record must be a JSON object")
-    db = _open_folder(args.folder, write=True)
-
-    async def save() -> None:
-        async with db:
-            await db.save_user_data(key, data)
-
-    asyncio.run(save())
+    async with _open_location(args.location, write=True, durable=not args.fast) as db:
+        await db.save_user_data(key, data)
     return 0
 
 
-def _cmd_rm(args: Any) -> int:
+async def _cmd_rm(args: Any) -> int:
     key = _command_key(args.user_id)
-    db = _open_folder(args.folder, write=True)
-
-    async def delete() -> bool:
-        async with db:
-            return await db.delete_user_data(key)
-
-    if not asyncio.run(delete()):
-        raise _CommandError(f"no user {_shown_id(key)} in {db.folder}")
+    async with _open_location(args.location, write=True, durable=not args.fast) as db:
+        if not await db.delete_user_data(key):
+            raise _CommandError(f"no user {_shown_id(key)} in {db.location}")
     return 0
 
 
@@ -2166,16 +2159,33 @@ def _classify_entries_sync(folder: str) -> tuple[int, list[tuple[str, str, str]]
     return sound, problems
 
 
-def _cmd_check(args: Any) -> int:
-    db = _open_folder(args.folder, write=args.fix_temp)
-    sound, problems = _classify_entries_sync(db.folder)
-    if args.fix_temp:  # under the writer lock, so no save of this folder is using one
-        for kind, path, _ in problems:
-            if kind == "temp":
-                os.unlink(path)
-                print(f"removed: {path}")
-        problems = [problem for problem in problems if problem[0] != "temp"]
-        asyncio.run(db.close())
+async def _classify_records(db: JASON) -> tuple[int, list[tuple[str, str, str]]]:
+    """Read every record of a server location: the number of sound ones, and the corrupt ones."""
+    sound = 0
+    problems = []
+    for key in await db.user_ids():
+        try:
+            if await _stored_record(db, key) is not None:
+                sound += 1
+        except CorruptDataError as exc:
+            problems.append(("corrupt", exc.path, exc.reason))
+    return sound, problems
+
+
+async def _cmd_check(args: Any) -> int:
+    async with _open_location(args.location, write=args.fix_temp) as db:
+        if _server_kind(args.location) is not None:
+            if args.fix_temp:
+                raise _CommandError("--fix-temp is for folders: a server leaves no temp files")
+            sound, problems = await _classify_records(db)
+        else:
+            sound, problems = _classify_entries_sync(db.folder)
+        if args.fix_temp:  # under the writer lock, so no save of this folder is using one
+            for kind, path, _ in problems:
+                if kind == "temp":
+                    os.unlink(path)
+                    print(f"removed: {path}")
+            problems = [problem for problem in problems if problem[0] != "temp"]
     for kind, path, detail in problems:
         print(f"{kind}: {path}: {detail}")
     counts = {kind: sum(1 for problem in problems if problem[0] == kind)
@@ -2202,49 +2212,61 @@ class _Progress:
 
 
 class _ExportRun:
-    """The records of an export, read one at a time; corrupt ones are reported and left out."""
+    """The records of a location, read in batches; corrupt ones are reported and left out."""
 
-    def __init__(self, folder: str, keys: list[str]) -> None:
-        self.folder = folder
+    BATCH: Final = 256
+
+    def __init__(self, db: JASON, keys: list[str], verb: str = "exported") -> None:
+        self.db = db
         self.keys = keys
-        self.progress = _Progress("exported", len(keys))
+        self.progress = _Progress(verb, len(keys))
         self.exported = 0
         self.corrupt = 0
 
-    def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        for done, key in enumerate(self.keys, 1):
-            try:
-                data = _read_stored_record(self.folder, key)
-            except CorruptDataError as exc:
-                self.corrupt += 1
-                print(f"{chr(13) if self.progress.shown else ''}corrupt, left out: {exc.path}: {exc.reason}",
-                      file=sys.stderr)
-                data = None
-            if data is not None:  # None: deleted since the listing
-                self.exported += 1
-                yield key, data
-            self.progress.update(done)
-
-
-def _write_jsonl(out: Any, records: Iterator[tuple[str, dict[str, Any]]]) -> None:
-    for key, data in records:
+    async def _read(self, key: str) -> dict[str, Any] | None:
         try:
-            out.write(_dumps({"user_id": key, "data": data}) + b"\n")
+            return await _stored_record(self.db, key)
+        except CorruptDataError as exc:
+            self.corrupt += 1
+            print(f"{chr(13) if self.progress.shown else ''}corrupt, left out: {exc.path}: {exc.reason}",
+                  file=sys.stderr)
+            return None
+
+    async def batches(self) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
+        for start in range(0, len(self.keys), self.BATCH):
+            keys = self.keys[start:start + self.BATCH]
+            records = await asyncio.gather(*(self._read(key) for key in keys))
+            batch = [(key, data) for key, data in zip(keys, records) if data is not None]  # None: deleted
+            self.exported += len(batch)
+            self.progress.update(start + len(keys))
+            yield batch
+
+
+def _jsonl_lines(batch: list[tuple[str, dict[str, Any]]]) -> bytes:
+    lines = []
+    for key, data in batch:
+        try:
+            lines.append(_dumps({"user_id": key, "data": data}) + b"\n")
         except (TypeError, ValueError) as exc:  # only an id with a lone surrogate gets here
             raise _CommandError(f"user {_shown_id(key)} cannot be exported as JSON: {exc}") from exc
+    return b"".join(lines)
 
 
-def _write_sqlite(path: str, records: Iterator[tuple[str, dict[str, Any]]]) -> None:
+async def _write_jsonl(out: Any, run: _ExportRun) -> None:
+    async for batch in run.batches():
+        out.write(_jsonl_lines(batch))
+
+
+async def _write_sqlite(path: str, run: _ExportRun) -> None:
     import sqlite3
 
     connection = sqlite3.connect(path)
     try:
         with connection:
             connection.execute("CREATE TABLE users (user_id TEXT PRIMARY KEY, data TEXT NOT NULL)")
-            connection.executemany(
-                "INSERT INTO users (user_id, data) VALUES (?, ?)",
-                ((key, _dumps(data).decode("utf-8")) for key, data in records),
-            )
+            async for batch in run.batches():
+                connection.executemany("INSERT INTO users (user_id, data) VALUES (?, ?)",
+                                       [(key, _dumps(data).decode("utf-8")) for key, data in batch])
     finally:
         connection.close()
 
@@ -2265,36 +2287,33 @@ def _export_format(out: str, given: str | None) -> str:
     return inferred
 
 
-def _cmd_export(args: Any) -> int:
+async def _cmd_export(args: Any) -> int:
     export_format = _export_format(args.out, args.format)
-    db = _open_folder(args.folder)
-    run = _ExportRun(db.folder, _list_user_keys_sync(db.folder))
-    if args.out == "-":
-        if export_format == "sqlite":
-            raise _CommandError("a SQLite export needs a file name, not -")
-        try:
-            _write_jsonl(sys.stdout.buffer, run.records())
+    async with _open_location(args.location) as db:
+        run = _ExportRun(db, await db.user_ids())
+        if args.out == "-":
+            if export_format == "sqlite":
+                raise _CommandError("a SQLite export needs a file name, not -")
+            args.interrupted = lambda: f" after {run.exported} users: the export on stdout is incomplete"
+            await _write_jsonl(sys.stdout.buffer, run)
             sys.stdout.flush()
-        except KeyboardInterrupt:
-            raise _Interrupted(f"interrupted after {run.exported} users: the export on stdout is incomplete") from None
-        where = "to stdout"
-    else:
-        # Write beside OUT and rename at the end, so a failed export never leaves half a file as OUT.
-        out = os.path.abspath(args.out)
-        temp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{secrets.token_hex(4)}.partial")
-        try:
-            if export_format == "jsonl":
-                with open(temp, "xb") as file:
-                    _write_jsonl(file, run.records())
-            else:
-                _write_sqlite(temp, run.records())
-            os.replace(temp, out)
-        except KeyboardInterrupt:
-            raise _Interrupted(f"interrupted: {out} was not written") from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-        where = f"to {out}"
+            where = "to stdout"
+        else:
+            # Write beside OUT and rename at the end, so a failed export never leaves half a file as OUT.
+            out = os.path.abspath(args.out)  # noqa: ASYNC240 (a command blocks nothing else)
+            temp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{secrets.token_hex(4)}.partial")
+            args.interrupted = lambda: f": {out} was not written"
+            try:
+                if export_format == "jsonl":
+                    with open(temp, "xb") as file:  # noqa: ASYNC230 (a command blocks nothing else)
+                        await _write_jsonl(file, run)
+                else:
+                    await _write_sqlite(temp, run)
+                os.replace(temp, out)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+            where = f"to {out}"
     run.progress.finish(run.exported, where)
     if run.corrupt:
         raise _CommandError(f"{run.corrupt} corrupt records were left out of the export (listed above); "
@@ -2376,19 +2395,19 @@ def _read_import_file(path: str) -> list[tuple[str, dict[str, Any]]]:
     return source.records
 
 
-def _plan_import_sync(folder: str, records: list[tuple[str, dict[str, Any]]]) -> \
+async def _plan_import(db: JASON, records: list[tuple[str, dict[str, Any]]]) -> \
         tuple[list[tuple[str, dict[str, Any]]], int, list[str]]:
     """(records to save, how many are stored already as they are, ids stored with other data).
 
-    A user already stored with exactly the imported data is skipped: so an
-    interrupted import can simply be run again.
+    A user already stored with exactly the given data is skipped: so an
+    interrupted import or copy can simply be run again.
     """
-    existing = set(_list_user_keys_sync(folder))
+    existing = set(await db.user_ids())
     to_save, same, clashes = [], 0, []
     for key, data in records:
         if key in existing:
             try:
-                if _read_stored_record(folder, key) == data:
+                if await _stored_record(db, key) == data:
                     same += 1
                     continue
             except CorruptDataError:
@@ -2401,67 +2420,99 @@ def _plan_import_sync(folder: str, records: list[tuple[str, dict[str, Any]]]) ->
 class _ImportRun:
     """Saves records, up to _IMPORT_CONCURRENCY at a time; stops starting new ones at the first failure."""
 
-    def __init__(self, db: JASON, records: list[tuple[str, dict[str, Any]]]) -> None:
+    def __init__(self, db: JASON, records: list[tuple[str, dict[str, Any]]], verb: str = "imported") -> None:
         self.db = db
         self.records = records
-        self.progress = _Progress("imported", len(records))
+        self.verb = verb
+        self.progress = _Progress(verb, len(records))
         self.saved = 0
         self.failure: tuple[str, Exception] | None = None
 
     async def run(self) -> None:
-        async with self.db:
-            pending = iter(self.records)  # shared: each record goes to exactly one worker
+        pending = iter(self.records)  # shared: each record goes to exactly one worker
 
-            async def worker() -> None:
-                for key, data in pending:
-                    if self.failure is not None:
-                        return
-                    try:
-                        await self.db.save_user_data(key, data)
-                    except Exception as exc:  # reported once, by the command, with how far it got
-                        if self.failure is None:
-                            self.failure = (key, exc)
-                        return
-                    self.saved += 1
-                    self.progress.update(self.saved)
+        async def worker() -> None:
+            for key, data in pending:
+                if self.failure is not None:
+                    return
+                try:
+                    await self.db.save_user_data(key, data)
+                except Exception as exc:  # reported once, by the command, with how far it got
+                    if self.failure is None:
+                        self.failure = (key, exc)
+                    return
+                self.saved += 1
+                self.progress.update(self.saved)
 
-            await asyncio.gather(*(worker() for _ in range(_IMPORT_CONCURRENCY)))
+        await asyncio.gather(*(worker() for _ in range(_IMPORT_CONCURRENCY)))
+
+    def rerun(self) -> str:
+        verb = "import" if self.verb == "imported" else "copy"
+        return f"run the same command again to {verb} the rest (users already {self.verb} are skipped)"
+
+    def how_far(self) -> str:
+        doing = "importing" if self.verb == "imported" else "copying"
+        return f" after {doing} {self.saved} of {len(self.records)} users; {self.rerun()}"
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            key, exc = self.failure
+            raise _CommandError(f"{self.verb} {self.saved} of {len(self.records)} users, then user "
+                                f"{_shown_id(key)} failed: {exc}; {self.rerun()}")
 
 
-def _cmd_import(args: Any) -> int:
+async def _put_records(db: JASON, records: list[tuple[str, dict[str, Any]]], overwrite: bool, args: Any,
+                       verb: str) -> tuple[_ImportRun, int]:
+    """Save records into db as import and copy do: whole refusal on a clash, then a resumable run."""
+    to_save, same, clashes = await _plan_import(db, records)
+    if clashes and not overwrite:
+        shown = ", ".join(_shown_id(key) for key in clashes[:5]) + (", ..." if len(clashes) > 5 else "")
+        raise _CommandError(
+            f"{len(clashes)} users already exist with other data ({shown}); nothing was {verb}. "
+            "Use --overwrite to replace them"
+        )
+    run = _ImportRun(db, to_save, verb)
+    args.interrupted = run.how_far
+    await run.run()
+    run.raise_failure()
+    return run, same
+
+
+async def _cmd_import(args: Any) -> int:
     records = _read_import_file(args.file)
-    db = _open_folder(args.folder, write=True, create=True)
-    try:
-        to_save, same, clashes = _plan_import_sync(db.folder, records)
-        if clashes and not args.overwrite:
-            shown = ", ".join(_shown_id(key) for key in clashes[:5]) + (", ..." if len(clashes) > 5 else "")
-            raise _CommandError(
-                f"{len(clashes)} users already exist with other data ({shown}); nothing was imported. "
-                "Use --overwrite to replace them"
-            )
-    except BaseException:
-        asyncio.run(db.close())
-        raise
-    run = _ImportRun(db, to_save)
-    rerun = "run the same command again to import the rest (users already imported are skipped)"
-    try:
-        asyncio.run(run.run())
-    except KeyboardInterrupt:
-        raise _Interrupted(f"interrupted after importing {run.saved} of {len(to_save)} users; {rerun}") from None
-    if run.failure is not None:
-        key, exc = run.failure
-        raise _CommandError(f"imported {run.saved} of {len(to_save)} users, then user {_shown_id(key)} failed: "
-                            f"{exc}; {rerun}")
+    async with _open_location(args.location, write=True, create=True, durable=not args.fast) as db:
+        run, same = await _put_records(db, records, args.overwrite, args, "imported")
     already = f" ({same} already there, unchanged)" if same else ""
-    run.progress.finish(run.saved, f"into {db.folder}{already}")
+    run.progress.finish(run.saved, f"into {db.location}{already}")
     return 0
 
 
-def _cmd_stats(args: Any) -> int:
-    db = _open_folder(args.folder)
+async def _cmd_copy(args: Any) -> int:
+    """Copy every user to another location, then read each copied record back and compare."""
+    async with _open_location(args.location) as source:
+        reader = _ExportRun(source, await source.user_ids(), verb="read")
+        records = [record async for batch in reader.batches() for record in batch]
+    if reader.corrupt:
+        raise _CommandError(f"{reader.corrupt} corrupt records in {source.location} (listed above); "
+                            "nothing was copied: repair or restore them first")
+    async with _open_location(args.target, write=True, create=True, durable=not args.fast) as target:
+        run, same = await _put_records(target, records, args.overwrite, args, "copied")
+        verified = 0
+        for key, data in records:
+            if await _stored_record(target, key) != data:
+                raise _CommandError(f"user {_shown_id(key)} reads back different from {target.location}: "
+                                    "the copy is not verified; run it again")
+            verified += 1
+    already = f", {same} already there" if same else ""
+    run.progress.finish(run.saved, f"to {target.location}{already}; all {verified} verified against the source")
+    return 0
+
+
+def _folder_sizes_sync(folder: str) -> tuple[dict[str, int], int]:
+    """({user key: record size}, bytes of everything in the folder), safe beside a running bot."""
     sizes: dict[str, int] = {}
     folder_bytes = 0
-    with os.scandir(db.folder) as entries:
+    with os.scandir(folder) as entries:
         for entry in entries:
             try:
                 info = entry.stat(follow_symlinks=False)
@@ -2471,12 +2522,27 @@ def _cmd_stats(args: Any) -> int:
             key = _user_key_from_file_name(entry.name)
             if key is not None and stat.S_ISREG(info.st_mode):
                 sizes[key] = info.st_size
+    return sizes, folder_bytes
+
+
+async def _cmd_stats(args: Any) -> int:
+    async with _open_location(args.location) as db:
+        if _server_kind(args.location) is None:
+            sizes, folder_bytes = _folder_sizes_sync(db.folder)
+        else:  # a server: the size of each record's JSON
+            folder_bytes = -1
+            sizes = {}
+            for key in await db.user_ids():
+                raw = await db._store.read(key)
+                if raw is not None:
+                    sizes[key] = len(raw)
     print(f"users: {len(sizes)}")
     print(f"records: {sum(sizes.values())} bytes")
     if sizes:
         largest = max(sorted(sizes), key=lambda key: sizes[key])
         print(f"largest: {sizes[largest]} bytes (user {_shown_id(largest)})")
-    print(f"folder: {folder_bytes} bytes")
+    if folder_bytes >= 0:
+        print(f"folder: {folder_bytes} bytes")
     return 0
 
 
@@ -2534,10 +2600,13 @@ def _plan_upgrade_sync(folder: str, upgraded: bool) -> tuple[dict[str, str], lis
     return renames, temps, problems
 
 
-def _cmd_upgrade(args: Any) -> int:
-    db = _open_folder(args.folder, write=args.apply)  # --apply takes the writer lock: the bot must be stopped
+async def _cmd_upgrade(args: Any) -> int:
+    if _server_kind(args.location) is not None:
+        raise _CommandError("upgrade renames the files of a jason-db 0.2.0 folder; it has nothing to do on a server")
+    db = _open_location(args.location, write=args.apply)  # --apply takes the writer lock: the bot must be stopped
     folder = db.folder
-    upgraded = os.path.exists(os.path.join(folder, UPGRADE_MARKER_NAME))
+    marker_path = os.path.join(folder, UPGRADE_MARKER_NAME)
+    upgraded = os.path.exists(marker_path)  # noqa: ASYNC240 (a command blocks nothing else)
     renames, temps, problems = _plan_upgrade_sync(folder, upgraded)
     verb = "renamed" if args.apply else "would rename"
     for old, new in renames.items():
@@ -2560,7 +2629,7 @@ def _cmd_upgrade(args: Any) -> int:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         marker = f"renamed from jason-db 0.2.0 names by jason {__version__} at {stamp}\n"
         _write_atomic_sync(folder, UPGRADE_MARKER_NAME, marker.encode(), durable=True)  # fsyncs the renames too
-        asyncio.run(db.close())
+    await db.close()
     for path, why in problems:
         print(f"problem: {path}: {why}")
     outcome = "applied" if args.apply else "dry run, nothing changed; run again with --apply to do it"
@@ -2582,7 +2651,10 @@ def _build_parser() -> Any:
     )
     parser.add_argument("--version", action="version", version=f"jason {__version__}")
     parser.add_argument("--selftest", action="store_true", help="run the built-in self-check and exit")
-    parser.add_argument("folder", nargs="?", metavar="DB_FOLDER", help="the database folder")
+    parser.add_argument("location", nargs="?", metavar="LOCATION",
+                        help="the database: a folder, or a postgresql:// or redis:// URL")
+    parser.add_argument("--fast", action="store_true",
+                        help="writing commands: do not wait for each save to reach the disk (durable=False)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     ls = commands.add_parser("ls", help="list the user ids, one per line")
@@ -2611,6 +2683,10 @@ def _build_parser() -> Any:
     import_.set_defaults(handler=_cmd_import)
     stats = commands.add_parser("stats", help="number of users, record sizes and folder size")
     stats.set_defaults(handler=_cmd_stats)
+    copy = commands.add_parser("copy", help="copy every user to another location, then verify each copy")
+    copy.add_argument("target", metavar="TARGET", help="the folder or server URL to copy to")
+    copy.add_argument("--overwrite", action="store_true", help="replace users stored there with other data")
+    copy.set_defaults(handler=_cmd_copy)
     upgrade = commands.add_parser("upgrade", help="rename a jason-db 0.2.0 folder's files to this version's names")
     upgrade.add_argument("--apply", action="store_true", help="do it (needs the bot stopped); without it, only show")
     upgrade.set_defaults(handler=_cmd_upgrade)
@@ -2649,14 +2725,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.selftest:
         return _run_selftest()
-    if args.folder is None or args.command is None:
+    if args.location is None or args.command is None:
         parser.print_usage(sys.stderr)
         print("jason: error: give a folder and a command, or --selftest", file=sys.stderr)
         return 2
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+    args.interrupted = None  # a command may name here what Ctrl-C would leave undone
     try:
-        status: int = args.handler(args)
+        status: int = asyncio.run(args.handler(args))
         sys.stdout.flush()
         return status
     except BrokenPipeError:  # `jason DIR ls | head`: the reader has all it wanted
@@ -2665,11 +2742,9 @@ def main(argv: list[str] | None = None) -> int:
     except (_CommandError, JasonError, OSError, ValueError, sqlite3.Error) as exc:
         print(f"jason: {exc}", file=sys.stderr)
         return 1
-    except _Interrupted as exc:
-        print(f"\njason: {exc}", file=sys.stderr)
-        return 130
     except KeyboardInterrupt:
-        print("\njason: interrupted", file=sys.stderr)
+        note = args.interrupted() if args.interrupted is not None else ""
+        print(f"\njason: interrupted{note}", file=sys.stderr)
         return 130
 
 
