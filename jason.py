@@ -1532,7 +1532,10 @@ class _RedisStore(_ServerStore):
             )
 
     async def _connect(self) -> Any:
-        client = self.driver.asyncio.Redis.from_url(self.url)
+        # A blocking pool: past max_connections a call waits for a free connection, where the default
+        # pool would raise "Too many connections" under a burst of saves.
+        pool = self.driver.asyncio.BlockingConnectionPool.from_url(self.url, max_connections=32, timeout=None)
+        client = self.driver.asyncio.Redis(connection_pool=pool)
         self._write_script = client.register_script(_REDIS_WRITE)
         self._renew_script = client.register_script(_REDIS_RENEW)
         self._release_script = client.register_script(_REDIS_RELEASE)
@@ -1997,12 +2000,15 @@ _READ_ONLY_COMMANDS: Final = "ls, get, check, export and stats"
 _IMPORT_CONCURRENCY: Final = 64
 
 
-def _open_location(location: str, *, write: bool = False, create: bool = False, durable: bool = True) -> JASON:
+def _open_location(location: str, *, write: bool = False, create: bool = False, durable: bool = True,
+                   namespace: str = DEFAULT_NAMESPACE) -> JASON:
     """Open a folder or server URL for a command; a missing folder is an error unless create is set."""
-    if _server_kind(location) is None and not create and not os.path.isdir(os.path.expanduser(location)):
-        raise _CommandError(f"no JASON folder at {location}")
+    if _server_kind(location) is None:
+        if not create and not os.path.isdir(os.path.expanduser(location)):
+            raise _CommandError(f"no JASON folder at {location}")
+        namespace = DEFAULT_NAMESPACE  # a folder is its own namespace
     try:
-        return JASON(location, readonly=not write, durable=durable)
+        return JASON(location, readonly=not write, durable=durable, namespace=namespace)
     except DatabaseLockedError as exc:  # the library's advice (readonly=True) means nothing here
         raise _CommandError(
             f"{exc.folder} is open for writing by {exc.holder}; stop it first "
@@ -2045,7 +2051,7 @@ def _json_error_position(exc: ValueError) -> str:
 
 
 async def _cmd_ls(args: Any) -> int:
-    async with _open_location(args.location) as db:
+    async with _open_location(args.location, namespace=args.namespace) as db:
         keys = await db.user_ids()
     if args.count:
         print(len(keys))
@@ -2057,7 +2063,7 @@ async def _cmd_ls(args: Any) -> int:
 
 async def _cmd_get(args: Any) -> int:
     key = _command_key(args.user_id)
-    async with _open_location(args.location) as db:
+    async with _open_location(args.location, namespace=args.namespace) as db:
         data = await _stored_record(db, key)
         if data is None:
             raise _CommandError(f"no user {_shown_id(key)} in {db.location}")
@@ -2073,14 +2079,14 @@ async def _cmd_set(args: Any) -> int:
         raise _CommandError(f"stdin is not valid JSON: {_json_error_position(exc)}") from None
     if not isinstance(data, dict):
         raise _CommandError(f"stdin holds a JSON {type(data).__name__}; a record must be a JSON object")
-    async with _open_location(args.location, write=True, durable=not args.fast) as db:
+    async with _open_location(args.location, write=True, durable=not args.fast, namespace=args.namespace) as db:
         await db.save_user_data(key, data)
     return 0
 
 
 async def _cmd_rm(args: Any) -> int:
     key = _command_key(args.user_id)
-    async with _open_location(args.location, write=True, durable=not args.fast) as db:
+    async with _open_location(args.location, write=True, durable=not args.fast, namespace=args.namespace) as db:
         if not await db.delete_user_data(key):
             raise _CommandError(f"no user {_shown_id(key)} in {db.location}")
     return 0
@@ -2173,7 +2179,7 @@ async def _classify_records(db: JASON) -> tuple[int, list[tuple[str, str, str]]]
 
 
 async def _cmd_check(args: Any) -> int:
-    async with _open_location(args.location, write=args.fix_temp) as db:
+    async with _open_location(args.location, write=args.fix_temp, namespace=args.namespace) as db:
         if _server_kind(args.location) is not None:
             if args.fix_temp:
                 raise _CommandError("--fix-temp is for folders: a server leaves no temp files")
@@ -2289,7 +2295,7 @@ def _export_format(out: str, given: str | None) -> str:
 
 async def _cmd_export(args: Any) -> int:
     export_format = _export_format(args.out, args.format)
-    async with _open_location(args.location) as db:
+    async with _open_location(args.location, namespace=args.namespace) as db:
         run = _ExportRun(db, await db.user_ids())
         if args.out == "-":
             if export_format == "sqlite":
@@ -2480,7 +2486,8 @@ async def _put_records(db: JASON, records: list[tuple[str, dict[str, Any]]], ove
 
 async def _cmd_import(args: Any) -> int:
     records = _read_import_file(args.file)
-    async with _open_location(args.location, write=True, create=True, durable=not args.fast) as db:
+    async with _open_location(args.location, write=True, create=True, durable=not args.fast,
+                              namespace=args.namespace) as db:
         run, same = await _put_records(db, records, args.overwrite, args, "imported")
     already = f" ({same} already there, unchanged)" if same else ""
     run.progress.finish(run.saved, f"into {db.location}{already}")
@@ -2489,13 +2496,14 @@ async def _cmd_import(args: Any) -> int:
 
 async def _cmd_copy(args: Any) -> int:
     """Copy every user to another location, then read each copied record back and compare."""
-    async with _open_location(args.location) as source:
+    async with _open_location(args.location, namespace=args.namespace) as source:
         reader = _ExportRun(source, await source.user_ids(), verb="read")
         records = [record async for batch in reader.batches() for record in batch]
     if reader.corrupt:
         raise _CommandError(f"{reader.corrupt} corrupt records in {source.location} (listed above); "
                             "nothing was copied: repair or restore them first")
-    async with _open_location(args.target, write=True, create=True, durable=not args.fast) as target:
+    async with _open_location(args.target, write=True, create=True, durable=not args.fast,
+                              namespace=args.target_namespace or args.namespace) as target:
         run, same = await _put_records(target, records, args.overwrite, args, "copied")
         verified = 0
         for key, data in records:
@@ -2526,7 +2534,7 @@ def _folder_sizes_sync(folder: str) -> tuple[dict[str, int], int]:
 
 
 async def _cmd_stats(args: Any) -> int:
-    async with _open_location(args.location) as db:
+    async with _open_location(args.location, namespace=args.namespace) as db:
         if _server_kind(args.location) is None:
             sizes, folder_bytes = _folder_sizes_sync(db.folder)
         else:  # a server: the size of each record's JSON
@@ -2653,6 +2661,8 @@ def _build_parser() -> Any:
     parser.add_argument("--selftest", action="store_true", help="run the built-in self-check and exit")
     parser.add_argument("location", nargs="?", metavar="LOCATION",
                         help="the database: a folder, or a postgresql:// or redis:// URL")
+    parser.add_argument("--namespace", default=DEFAULT_NAMESPACE, metavar="NAME",
+                        help=f"on a server: the table or key prefix of the database (default {DEFAULT_NAMESPACE})")
     parser.add_argument("--fast", action="store_true",
                         help="writing commands: do not wait for each save to reach the disk (durable=False)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -2686,6 +2696,8 @@ def _build_parser() -> Any:
     copy = commands.add_parser("copy", help="copy every user to another location, then verify each copy")
     copy.add_argument("target", metavar="TARGET", help="the folder or server URL to copy to")
     copy.add_argument("--overwrite", action="store_true", help="replace users stored there with other data")
+    copy.add_argument("--target-namespace", metavar="NAME",
+                      help="on a server: TARGET's namespace (default: --namespace)")
     copy.set_defaults(handler=_cmd_copy)
     upgrade = commands.add_parser("upgrade", help="rename a jason-db 0.2.0 folder's files to this version's names")
     upgrade.add_argument("--apply", action="store_true", help="do it (needs the bot stopped); without it, only show")

@@ -440,7 +440,8 @@ class FolderMixin(unittest.IsolatedAsyncioTestCase):
                 text = None
             finally:
                 await connection.close()
-            return None if text is None else text.encode()
+            # The table holds each NUL as two private-use characters (PostgreSQL refuses \u0000): undo that.
+            return None if text is None else jason._with_nul(text.encode())
         import redis.asyncio
 
         client = redis.asyncio.Redis.from_url(self.location)
@@ -1957,6 +1958,37 @@ class ServerBackendMixin(_ServerBase):
         """)
         self.assertIn(f'pip install "jason-db[{extra}]"', result.stdout, result.stderr)
 
+    async def test_copy_moves_10000_users_both_ways_exactly(self) -> None:
+        records: dict[str, dict[str, object]] = {
+            str(u): {"n": u, "name": f"user {u} ✓", "tags": ["a", "é"]} for u in range(9_990)}
+        records.update({key: {"odd": key, "text": "non-ASCII: ÿ 😀 \x00"} for key in ODD_IDS})
+        source, back = os.path.join(self._tmp.name, "source"), os.path.join(self._tmp.name, "back")
+        await asyncio.to_thread(fill_folder, source, records)
+        target = self.location
+        server = self.options["namespace"]
+        copy = await asyncio.to_thread(run_cli_with_namespace, server, source, "copy", target)
+        self.assertEqual(copy.returncode, 0, copy.stderr)
+        self.assertIn("copied 10000 users", copy.stderr)
+        self.assertIn("all 10000 verified", copy.stderr)
+        again = await asyncio.to_thread(run_cli_with_namespace, server, source, "copy", target)
+        self.assertIn("copied 0 users", again.stderr)  # run again: nothing left to do, nothing replaced
+        self.assertEqual(sorted(await self.db.user_ids()), sorted(records))
+        home = await asyncio.to_thread(run_cli_with_namespace, server, target, "copy", back)
+        self.assertEqual(home.returncode, 0, home.stderr)
+        self.assertEqual(await asyncio.to_thread(read_folder, back), records)
+        for command, expected in [(("ls", "--count"), "10000\n"), (("get", "Zoë"), None)]:
+            result = await asyncio.to_thread(run_cli_with_namespace, server, target, *command)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            if expected is not None:
+                self.assertEqual(result.stdout, expected)
+        await self.db.save_user_data("Zoë", {"changed": True})
+        refused = await asyncio.to_thread(run_cli_with_namespace, server, source, "copy", target)
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("1 users already exist with other data (Zoë); nothing was copied", refused.stderr)
+        forced = await asyncio.to_thread(run_cli_with_namespace, server, source, "copy", target, "--overwrite")
+        self.assertEqual(forced.returncode, 0, forced.stderr)
+        self.assertEqual(await self.stored("Zoë"), records["Zoë"])
+
     async def test_the_same_instance_works_again_after_the_server_restarts(self) -> None:
         for user in range(20):
             await self.db.save_user_data(user, {"acknowledged": user})
@@ -2459,16 +2491,22 @@ class OrjsonParityTest(ParityChecks, unittest.TestCase):
 # ---------------------------------------------------------------- command line
 
 
-def run_cli(*args: str, stdin: str | bytes | None = None, blocked: bool = False) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, stdin: str | bytes | None = None, blocked: bool = False,
+            timeout: float = CHILD_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run `python jason.py ARGS` in a child, as a user would; blocked hides orjson and aiofiles."""
     block = OPTIONAL_BLOCK + "; " if blocked else ""
     code = block + "import sys, jason; sys.exit(jason.main(sys.argv[1:]))"
     data = stdin.encode() if isinstance(stdin, str) else stdin
     result = subprocess.run([sys.executable, "-c", code, *args], input=data, capture_output=True,
-                            timeout=CHILD_TIMEOUT, env=child_env(), check=False)
+                            timeout=timeout, env=child_env(), check=False)
     return subprocess.CompletedProcess(result.args, result.returncode,
                                        result.stdout.decode("utf-8", "backslashreplace"),
                                        result.stderr.decode("utf-8", "backslashreplace"))
+
+
+def run_cli_with_namespace(namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """run_cli on a test's own namespace (a folder ignores it)."""
+    return run_cli("--namespace", namespace, *args, timeout=CHILD_TIMEOUT * 5)
 
 
 ODD_IDS = ["Zoë", "Привет", "a.b", "../up", "new\nline", "CON", "x y", "😀", "-100123", "%41"]
