@@ -1295,6 +1295,8 @@ class _ServerStore:
         self._client: Any = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._open_edits = 0
+        self._connecting: asyncio.Lock | None = None
+        self._connecting_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def folder(self) -> str:
@@ -1319,12 +1321,18 @@ class _ServerStore:
         return f"{self.location} user {key!r}"
 
     async def client(self) -> Any:
-        """The connection pool or client for the running loop, made on first use."""
+        """The connection pool or client for the running loop, made once, on first use."""
         loop = asyncio.get_running_loop()
-        if self._client is None or self._client_loop is not loop:
-            # A pool belongs to the loop that made it: successive asyncio.run() calls get new ones.
-            self._client = await self._connect()
-            self._client_loop = loop
+        if self._client is not None and self._client_loop is loop:
+            return self._client
+        if self._connecting is None or self._connecting_loop is not loop:
+            # Made here, in the loop that uses it: an asyncio.Lock belongs to one loop.
+            self._connecting, self._connecting_loop = asyncio.Lock(), loop
+        async with self._connecting:  # the first calls at once must make one pool, not one each
+            if self._client is None or self._client_loop is not loop:
+                # A pool belongs to the loop that made it: successive asyncio.run() calls get new ones.
+                self._client = await self._connect()
+                self._client_loop = loop
         return self._client
 
     async def _connect(self) -> Any:
@@ -1386,10 +1394,12 @@ class _PostgresStore(_ServerStore):
     async def _pool(self, writing: bool = False) -> Any:
         pool = await self.client()
         if writing and not self._schema_ready:
-            # Made by the first write, never by a readonly instance. Two first writes racing
-            # can both try: CREATE TABLE IF NOT EXISTS is not atomic, and the loser's error means done.
-            with contextlib.suppress(self.driver.UniqueViolationError, self.driver.DuplicateTableError):
-                await pool.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (user_id text PRIMARY KEY, data json)")
+            # Made by the first write, never by a readonly instance. CREATE TABLE IF NOT EXISTS
+            # is not atomic: processes making it at once take turns under an advisory lock.
+            async with pool.acquire() as connection, connection.transaction():
+                await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self.table)
+                await connection.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self.table} (user_id text PRIMARY KEY, data json)")
             self._schema_ready = True
         return pool
 
@@ -1543,6 +1553,7 @@ class _RedisStore(_ServerStore):
 
     async def _disconnect(self, client: Any) -> None:
         await client.aclose()
+        await client.connection_pool.disconnect()  # a pool given to the client is not closed with it
 
     @staticmethod
     def _field(key: str) -> bytes:

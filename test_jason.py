@@ -1883,6 +1883,10 @@ class ServerBackendMixin(_ServerBase):
     def driver_errors(self) -> tuple[type[BaseException], ...]:
         raise NotImplementedError
 
+    async def server_connections(self) -> int:
+        """How many clients the server has now."""
+        raise NotImplementedError
+
     def stop_server(self) -> None:
         raise NotImplementedError
 
@@ -1915,6 +1919,12 @@ class ServerBackendMixin(_ServerBase):
             data["by"] = "edit"
         await save
         self.assertEqual(await self.stored(1), {"by": "save"})  # the save came after the edit
+
+    async def test_many_first_calls_at_once_share_one_connection_pool(self) -> None:
+        before = await self.server_connections()
+        fresh = self.open_db()
+        await asyncio.gather(*(fresh.load_user_data(user) for user in range(200)))
+        self.assertLessEqual(await self.server_connections() - before, 33)  # one pool: at most 32, and ours
 
     async def test_readonly_creates_nothing(self) -> None:
         reader = self.open_db(readonly=True, namespace="never_written")
@@ -2028,6 +2038,11 @@ class PostgresServerTest(ServerBackendMixin, FolderMixin):
             await connection.close()
         return [row[0] for row in rows]
 
+    async def server_connections(self) -> int:
+        output = SERVERS.run("psql", "-h", SERVERS.postgres_sockets, "-U", "postgres", "-At", "-c",
+                             "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
+        return int(output)
+
     def driver_errors(self) -> tuple[type[BaseException], ...]:
         import asyncpg
 
@@ -2071,6 +2086,10 @@ class RedisServerTest(ServerBackendMixin, FolderMixin):
     async def server_names(self, namespace: str) -> list[str]:
         return sorted(SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "--scan", "--pattern",
                                   namespace + "*").split())
+
+    async def server_connections(self) -> int:
+        info = SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "info", "clients")
+        return int(re.search(r"connected_clients:(\d+)", info)[1])  # type: ignore[index]
 
     def driver_errors(self) -> tuple[type[BaseException], ...]:
         import redis
@@ -2539,7 +2558,11 @@ class CLITest(unittest.TestCase):
     def assert_fails(self, result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
         self.assertEqual(result.returncode, code, result.stderr)
         self.assertNotIn("Traceback", result.stderr)
-        self.assertEqual(len(result.stderr.strip().splitlines()), 1 if code == 1 else 2, result.stderr)
+        if code == 1:
+            self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        else:  # the usage, then one line
+            self.assertTrue(result.stderr.startswith("usage:"), result.stderr)
+            self.assertNotIn("\njason: ", result.stderr.strip().split("\njason: error: ", 1)[1], result.stderr)
         for fragment in fragments:
             self.assertIn(fragment, result.stderr)
 
