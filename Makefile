@@ -6,7 +6,7 @@ TESTS := test_jason examples/test_examples.py
 # `make test V=1` lists every test; by default only failures and the summary are shown.
 UNITTEST := $(PYTHON) -m unittest $(if $(V),-v,)
 
-.PHONY: test test-installed test-stdlib quick selftest lint bench clean version check
+.PHONY: test test-installed test-stdlib quick selftest lint bench bench-servers clean version check
 
 ## test: the suite with the optional packages as installed, then with them blocked
 test: test-installed test-stdlib
@@ -45,6 +45,10 @@ $(LINT_VENV)/installed: requirements-lint.txt
 BENCH_VENV := build/bench-venv
 bench: $(BENCH_VENV)/installed
 	$(BENCH_VENV)/bin/python benchmarks/bench.py $(BENCH_ARGS)
+
+## bench-servers: JASON on throwaway PostgreSQL and Redis servers against the raw drivers; writes benchmarks/servers.{md,json}
+bench-servers: $(BENCH_VENV)/installed
+	$(BENCH_VENV)/bin/python benchmarks/servers.py $(BENCH_ARGS)
 
 $(BENCH_VENV)/installed: benchmarks/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)

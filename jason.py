@@ -1486,12 +1486,16 @@ class _PostgresEdit:
         return await self.store.quarantine(key, operation, self.connection)
 
 
-# KEYS: the records hash, the user's lock key. ARGV: the user's field, the record, the
-# writer's lock token ("" outside an edit). A write waits while another process edits.
+# KEYS: the records hash, the user's lock key. ARGV: the user's field, the record ("" to
+# delete), the writer's lock token ("" outside an edit). A write waits while another process
+# edits (0); an edit whose lock has expired writes nothing (-1); an edit's write releases its lock.
 _REDIS_WRITE: Final = """
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[3] then return 0 end
-if ARGV[3] ~= '' and holder ~= ARGV[3] then return -1 end
+if ARGV[3] ~= '' then
+  if holder ~= ARGV[3] then return -1 end
+  redis.call('DEL', KEYS[2])
+end
 if ARGV[2] == '' then return redis.call('HDEL', KEYS[1], ARGV[1]) + 1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
@@ -1614,18 +1618,25 @@ class _RedisStore(_ServerStore):
 
         async def renew() -> None:
             while True:
-                await asyncio.sleep(EDIT_LOCK_SECONDS / 3)
                 await self._renew_script(keys=[lock_key], args=[token, milliseconds])
+                await asyncio.sleep(EDIT_LOCK_SECONDS / 3)
 
-        renewing = asyncio.ensure_future(renew())
+        # Most edits end in milliseconds: renewal starts only for one still open after a third of the TTL.
+        renewing: list[asyncio.Future[None]] = []
+        later = asyncio.get_running_loop().call_later(
+            EDIT_LOCK_SECONDS / 3, lambda: renewing.append(asyncio.ensure_future(renew())))
+        edit = _RedisEdit(self, token)
         async with self._counting_edit():
             try:
-                yield _RedisEdit(self, token)
+                yield edit
             finally:
-                renewing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await renewing
-                await self._release_script(keys=[lock_key], args=[token])
+                later.cancel()
+                for task in renewing:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                if not edit.released:  # its write released the lock with the record; else release it now
+                    await self._release_script(keys=[lock_key], args=[token])
 
 
 class _RedisEdit:
@@ -1634,12 +1645,15 @@ class _RedisEdit:
     def __init__(self, store: _RedisStore, token: bytes) -> None:
         self.store = store
         self.token = token
+        self.released = False
 
     async def read(self, key: str) -> bytes | None:
         return await self.store.read(key)
 
     async def write(self, key: str, data: bytes, operation: str) -> None:
-        if await self.store._write(key, data, operation, self.token) == -1:
+        done = await self.store._write(key, data, operation, self.token)
+        self.released = done != -1
+        if done == -1:
             raise JasonError(f"{operation} of user {key!r} lost its lock on {self.store.location} (it was "
                              f"held past {EDIT_LOCK_SECONDS} s without renewal); nothing was written")
 
@@ -1766,6 +1780,11 @@ class JASON:
         cached = self._cache.get(key)
         if cached is not _NOT_CACHED:
             return self._decode(cached)  # type: ignore[arg-type]
+        if not self._store.caches and not self._quarantine:
+            # The user's lock keeps a cache coherent; with none to keep (a server, a
+            # readonly folder), a load is one read of what is stored.
+            _file_name(key)
+            return await self._read_unlocked(key)
         try:
             self._locks.check_wait(key)
         except _HeldByThisTask:  # inside this task's own edit of the user: nothing can change the record

@@ -2116,6 +2116,15 @@ class RedisServerTest(ServerBackendMixin, FolderMixin):
         finally:
             SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "config", "set", "appendfsync", "always")
 
+    async def test_an_edit_that_lost_its_lock_writes_nothing(self) -> None:
+        await self.db.save_user_data(1, {"v": "before"})
+        lock_key = f"{self.options['namespace']}:lock:1"
+        with self.assertRaisesRegex(JasonError, "lost its lock.*nothing was written"):
+            async with self.db.edit_user_data(1) as data:
+                SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "del", lock_key)  # as if it expired
+                data["v"] = "after"
+        self.assertEqual(await self.stored(1), {"v": "before"})
+
     async def test_an_edit_held_by_a_dead_process_blocks_only_until_its_lock_expires(self) -> None:
         lock_key = f"{self.options['namespace']}:lock:1"
         SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "set", lock_key, "dead-process", "px", "300")

@@ -194,7 +194,7 @@ async def chat_mix(url: str, namespace: str, seconds: float) -> dict[str, float]
 
     results = await asyncio.gather(*(asyncio.to_thread(run_child) for _ in range(2)))
     async with jason.JASON(url, namespace=namespace, readonly=True) as db:
-        stored = sum((await db.load_user_data(user)).get("balance", 0) for user in range(USERS))
+        stored = sum([(await db.load_user_data(user)).get("balance", 0) for user in range(USERS)])
     increments = sum(result["increments"] for result in results)
     return {"ops_per_s": sum(result["ops"] for result in results) / seconds, "increments": increments,
             "lost": increments - stored, "p99_ms": max(result["p99_ms"] for result in results)}
