@@ -1059,6 +1059,7 @@ class _Store(Protocol):
     location: str  # where the records are, fit to show (never a password)
     caches: bool  # True when JASON may cache records: no other process can change them
     closed: bool
+    readonly: bool
     locks: _UserLocks  # the per-user lock registry (shared by the instances of one folder)
 
     @property
@@ -1080,6 +1081,16 @@ class _Store(Protocol):
     def transaction(self, key: str) -> contextlib.AbstractAsyncContextManager[Any]: ...
 
     async def close(self) -> None: ...  # after the writes under way
+
+
+def _check_open_for_writing(location: str, closed: bool, readonly: bool, operation: str) -> None:
+    """What every store's write guard checks first: the store is open, and not readonly."""
+    if closed:
+        raise JasonError(
+            f"{operation} refused: this JASON for {location} was closed, so nothing was written; open a new one"
+        )
+    if readonly:
+        raise ReadOnlyError(location, operation)
 
 
 # ---------------------------------------------------------------- the folder store
@@ -1122,13 +1133,7 @@ class _FolderStore:
 
     def check_writable(self, operation: str) -> None:
         """The one guard of every write: open, not readonly, not a forked copy of the writer."""
-        if self.closed:
-            raise JasonError(
-                f"{operation} refused: this JASON for {self.location} was closed, so nothing was written; "
-                "open a new one"
-            )
-        if self.readonly:
-            raise ReadOnlyError(self.location, operation)
+        _check_open_for_writing(self.location, self.closed, self.readonly, operation)
         if os.getpid() != self._pid:
             raise DatabaseLockedError(
                 self.location,
@@ -1303,13 +1308,7 @@ class _ServerStore:
         raise JasonError(f"{self.location} is a server location, not a folder")
 
     def check_writable(self, operation: str) -> None:
-        if self.closed:
-            raise JasonError(
-                f"{operation} refused: this JASON for {self.location} was closed, so nothing was written; "
-                "open a new one"
-            )
-        if self.readonly:
-            raise ReadOnlyError(self.location, operation)
+        _check_open_for_writing(self.location, self.closed, self.readonly, operation)
 
     def share_cache(self, cache: _RecordCache) -> None:
         pass  # no cache to share: the cache is off for servers
