@@ -1478,7 +1478,9 @@ class _PostgresEdit:
 
     async def write(self, key: str, data: bytes, operation: str) -> None:
         self.store.check_writable(operation)
-        await self.connection.execute(f"UPDATE {self.store.table} SET data = $2 WHERE user_id = $1",
+        # An upsert, not an UPDATE: a quarantine inside this edit may have moved the row away.
+        await self.connection.execute(f"INSERT INTO {self.store.table} (user_id, data) VALUES ($1, $2) "
+                                      "ON CONFLICT (user_id) DO UPDATE SET data = EXCLUDED.data",
                                       _sql_id(key), _without_nul(data).decode("utf-8"))
 
     async def quarantine(self, key: str, operation: str) -> str:
@@ -1486,14 +1488,15 @@ class _PostgresEdit:
 
 
 # KEYS: the records hash, the user's lock key. ARGV: the user's field, the record ("" to
-# delete), the writer's lock token ("" outside an edit). A write waits while another process
-# edits (0); an edit whose lock has expired writes nothing (-1); an edit's write releases its lock.
+# delete), the writer's lock token ("" outside an edit), "1" to release the lock with the
+# write. A write waits while another process edits (0); an edit whose lock has expired
+# writes nothing (-1); an edit's final write releases its lock in the same step.
 _REDIS_WRITE: Final = """
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[3] then return 0 end
 if ARGV[3] ~= '' then
   if holder ~= ARGV[3] then return -1 end
-  redis.call('DEL', KEYS[2])
+  if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
 end
 if ARGV[2] == '' then return redis.call('HDEL', KEYS[1], ARGV[1]) + 1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -1569,14 +1572,14 @@ class _RedisStore(_ServerStore):
         value: bytes | None = await (await self.client()).hget(self.hash, self._field(key))
         return value
 
-    async def _write(self, key: str, data: bytes, operation: str, token: bytes = b"") -> int:
+    async def _write(self, key: str, data: bytes, operation: str, token: bytes = b"", release: bool = False) -> int:
         """Run the write script, waiting while another process edits the user; its answer."""
         self.check_writable(operation)
         await self.client()
         delay = 0.002
         while True:
             done = int(await self._write_script(keys=[self.hash, self._lock_key(key)],
-                                                args=[self._field(key), data, token]))
+                                                args=[self._field(key), data, token, b"1" if release else b"0"]))
             if done != 0:
                 return done
             await asyncio.sleep(delay)  # another process edits this user: wait for its lock
@@ -1650,7 +1653,7 @@ class _RedisEdit:
         return await self.store.read(key)
 
     async def write(self, key: str, data: bytes, operation: str) -> None:
-        done = await self.store._write(key, data, operation, self.token)
+        done = await self.store._write(key, data, operation, self.token, release=True)
         self.released = done != -1
         if done == -1:
             raise JasonError(f"{operation} of user {key!r} lost its lock on {self.store.location} (it was "

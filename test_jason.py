@@ -1888,6 +1888,10 @@ class ServerBackendMixin(_ServerBase):
         """How many clients the server has now."""
         raise NotImplementedError
 
+    def put_raw(self, user_id: str, text: str) -> None:
+        """Store text as user_id's record behind JASON's back."""
+        raise NotImplementedError
+
     def stop_server(self) -> None:
         raise NotImplementedError
 
@@ -1926,6 +1930,26 @@ class ServerBackendMixin(_ServerBase):
         fresh = self.open_db()
         await asyncio.gather(*(fresh.load_user_data(user) for user in range(200)))
         self.assertLessEqual(await self.server_connections() - before, 33)  # one pool: at most 32, and ours
+
+    async def test_a_record_that_is_not_an_object_is_reported_or_quarantined(self) -> None:
+        await self.db.save_user_data("neighbour", RECORD)
+        for load in ("load", "edit"):
+            with self.subTest(load):
+                self.put_raw("victim", "[1, 2]")
+                with self.assertRaises(CorruptDataError):
+                    await self.db.load_user_data("victim")
+                quarantining = self.open_db(on_corrupt="quarantine")
+                with self.assertLogs("jason", "WARNING") as logs:
+                    if load == "load":
+                        self.assertEqual(await quarantining.load_user_data("victim"), DEFAULT)
+                    else:
+                        async with quarantining.edit_user_data("victim") as data:
+                            self.assertEqual(data, DEFAULT)
+                            data["fresh"] = True
+                self.assertIn("corrupt", logs.output[0])
+                expected = ["neighbour", "victim"] if load == "edit" else ["neighbour"]  # the edit saved afresh
+                self.assertEqual(await self.db.user_ids(), expected)
+                self.assertEqual(await self.db.load_user_data("neighbour"), RECORD)
 
     async def test_readonly_creates_nothing(self) -> None:
         reader = self.open_db(readonly=True, namespace="never_written")
@@ -2039,6 +2063,12 @@ class PostgresServerTest(ServerBackendMixin, FolderMixin):
             await connection.close()
         return [row[0] for row in rows]
 
+    def put_raw(self, user_id: str, text: str) -> None:
+        table = self.options["namespace"]
+        SERVERS.run("psql", "-h", SERVERS.postgres_sockets, "-U", "postgres", "-c",
+                    f"INSERT INTO {table} (user_id, data) VALUES ('{user_id}', '{text}') "
+                    "ON CONFLICT (user_id) DO UPDATE SET data = EXCLUDED.data")
+
     async def server_connections(self) -> int:
         output = SERVERS.run("psql", "-h", SERVERS.postgres_sockets, "-U", "postgres", "-At", "-c",
                              "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
@@ -2087,6 +2117,10 @@ class RedisServerTest(ServerBackendMixin, FolderMixin):
     async def server_names(self, namespace: str) -> list[str]:
         return sorted(SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "--scan", "--pattern",
                                   namespace + "*").split())
+
+    def put_raw(self, user_id: str, text: str) -> None:
+        records = f"{self.options['namespace']}:users"
+        SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "hset", records, user_id, text)
 
     async def server_connections(self) -> int:
         info = SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "info", "clients")
