@@ -21,6 +21,11 @@ returns a fresh deep copy; a second writer process is refused.
 Limits: one writer process per folder; each save rewrites that user's whole
 record; no queries across users; records are meant to be small (kilobytes).
 The standard library is enough; orjson, when installed, makes JSON faster.
+
+When the bot outgrows one machine, give a URL instead of the folder:
+JASON("postgresql://...") or JASON("redis://...") keeps the same records, with
+the same API and checks, on a server that many processes share (asyncpg or
+redis-py, imported only then); `python jason.py FOLDER copy URL` moves them.
 """
 
 from __future__ import annotations
