@@ -44,6 +44,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import importlib.util
 import json
 import logging
 import math
@@ -71,15 +72,10 @@ try:
 except ImportError:
     HAVE_ORJSON = False
 
-# aiofiles is detected and reported, but JASON's I/O does not go through it:
-# each aiofiles call is its own thread hop, and a cold load through it
-# (open, read, close) measured twice as slow as one hop for the whole read.
-try:
-    import aiofiles  # noqa: F401
-
-    HAVE_AIOFILES = True
-except ImportError:
-    HAVE_AIOFILES = False
+# aiofiles is detected and reported, but not imported, since JASON's I/O does
+# not go through it: each aiofiles call is its own thread hop, and a cold load
+# through it (open, read, close) measured twice as slow as one hop for the read.
+HAVE_AIOFILES = importlib.util.find_spec("aiofiles") is not None
 
 if sys.platform == "win32":  # Windows: byte-range locks
     import msvcrt
@@ -1238,8 +1234,6 @@ def _redacted(url: str) -> str:
 
 
 def _import_driver(kind: str) -> Any:
-    import importlib
-
     module, extra = _DRIVERS[kind]
     try:
         return importlib.import_module(module)
