@@ -777,9 +777,6 @@ class _RecordCache:
         self.max_size = max_size
         self._entries: OrderedDict[str, bytes | None] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def get(self, key: str) -> object:
         """The cached bytes or None, or _NOT_CACHED."""
         try:
