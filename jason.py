@@ -926,6 +926,7 @@ class _SharedFolder:
         self.folder = folder
         self.lock_fd: int | None = lock_fd
         self.locks = _UserLocks()
+        self.named_locks = _UserLocks()  # exclusive(): names, never user ids, so a registry of their own
         self.folder_sync = _FolderSync(folder)
         self.stores: weakref.WeakSet[_FolderStore] = weakref.WeakSet()
         self.caches: weakref.WeakSet[_RecordCache] = weakref.WeakSet()
@@ -1077,6 +1078,8 @@ class _Store(Protocol):
     # An edit's records: cross-process exclusion where the store needs it, and
     # an object with read, write and quarantine that work inside it.
     def transaction(self, key: str) -> contextlib.AbstractAsyncContextManager[Any]: ...
+    # Hold a named lock that every process sharing these records respects (aiogram's event isolation).
+    def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[None]: ...
 
     async def close(self) -> None: ...  # after the writes under way
 
@@ -1112,11 +1115,13 @@ class _FolderStore:
                 raise FileNotFoundError(errno.ENOENT, "JASON folder does not exist", self.folder)
             self._shared: _SharedFolder | None = None
             self.locks = _UserLocks()
+            self._named_locks = _UserLocks()
             self._folder_sync: _FolderSync | None = None
         else:
             _make_folder_sync(self.folder, durable)
             self._shared = self._attach_shared_folder()
             self.locks = self._shared.locks
+            self._named_locks = self._shared.named_locks
             self._folder_sync = self._shared.folder_sync
 
     def _attach_shared_folder(self) -> _SharedFolder:
@@ -1183,6 +1188,10 @@ class _FolderStore:
     async def transaction(self, key: str) -> AsyncIterator[_FolderStore]:
         # One writer process, and JASON holds the user's lock: nothing else can change the file.
         yield self
+
+    def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        # A folder has one writer process, so a lock in this process excludes every writer.
+        return self._named_locks.hold(name)
 
     async def close(self) -> None:
         with _registry_lock:  # a write is either registered before this, and waited for, or refused
@@ -1371,6 +1380,7 @@ class _PostgresStore(_ServerStore):
         super().__init__(url, "postgres", namespace=namespace, durable=durable, readonly=readonly)
         self.table = f'"{namespace}"'
         self._schema_ready = False
+        self._lock_pool: Any = None  # exclusive()'s connections, made with the records pool
 
     async def _connect(self) -> Any:
         settings = {"synchronous_commit": "on" if self.durable else "off"}
@@ -1381,9 +1391,14 @@ class _PostgresStore(_ServerStore):
                 await pool.close()
                 raise JasonError(f"{self.location} runs with fsync={fsync}, so a commit may not survive a crash "
                                  "of its machine; turn fsync on in postgresql.conf, or pass durable=False")
+        # exclusive() holds a connection for as long as its lock: from a pool of its own, so that
+        # holders doing their work through the records pool can never starve each other of connections.
+        # It connects only when first used.
+        self._lock_pool = await self.driver.create_pool(self.url, min_size=0, max_size=16)
         return pool
 
     async def _disconnect(self, client: Any) -> None:
+        await self._lock_pool.close()
         await client.close()
 
     async def _pool(self, writing: bool = False) -> Any:
@@ -1460,6 +1475,23 @@ class _PostgresStore(_ServerStore):
             await connection.execute(f"INSERT INTO {self.table} (user_id, data) VALUES ($1, NULL) "
                                      "ON CONFLICT (user_id) DO NOTHING", _sql_id(key))
             yield _PostgresEdit(self, connection)
+
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        """A session advisory lock, named by a 64-bit hash of the namespace and name.
+
+        Two names sharing a hash only take turns; they never see each other's data.
+        """
+        await self.client()
+        lock_name = f"{self.namespace}:{name}"
+        async with self._lock_pool.acquire() as connection:
+            await connection.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", lock_name)
+            try:
+                yield
+            finally:
+                # asyncpg's pool also drops a connection's advisory locks when it takes it back.
+                await connection.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", lock_name)
 
 
 class _PostgresEdit:
@@ -1604,14 +1636,24 @@ class _RedisStore(_ServerStore):
 
     @contextlib.asynccontextmanager
     async def transaction(self, key: str) -> AsyncIterator[_RedisEdit]:
-        """Hold the user's lock key for the edit, renewing it while the edit is open."""
+        """Hold the user's lock key for the edit: every other process's write of the user waits for it."""
+        async with self._counting_edit(), self._lease(self._lock_key(key)) as edit:
+            yield edit
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        async with self._lease(f"{self.namespace}:exclusive:".encode() + self._field(name)):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, lock_key: bytes) -> AsyncIterator[_RedisEdit]:
+        """Hold lock_key with a token of our own, renewing it while held; a dead holder's expires."""
         client = await self.client()
         token = secrets.token_hex(16).encode()
-        lock_key = self._lock_key(key)
         milliseconds = EDIT_LOCK_SECONDS * 1000
         delay = 0.002
         while not await client.set(lock_key, token, nx=True, px=milliseconds):
-            await asyncio.sleep(delay)  # another process edits this user
+            await asyncio.sleep(delay)  # another process holds it
             delay = min(delay * 2, 0.05)
 
         async def renew() -> None:
@@ -1619,22 +1661,21 @@ class _RedisStore(_ServerStore):
                 await self._renew_script(keys=[lock_key], args=[token, milliseconds])
                 await asyncio.sleep(EDIT_LOCK_SECONDS / 3)
 
-        # Most edits end in milliseconds: renewal starts only for one still open after a third of the TTL.
+        # Most leases end in milliseconds: renewal starts only for one still held after a third of the TTL.
         renewing: list[asyncio.Future[None]] = []
         later = asyncio.get_running_loop().call_later(
             EDIT_LOCK_SECONDS / 3, lambda: renewing.append(asyncio.ensure_future(renew())))
         edit = _RedisEdit(self, token)
-        async with self._counting_edit():
-            try:
-                yield edit
-            finally:
-                later.cancel()
-                for task in renewing:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                if not edit.released:  # its write released the lock with the record; else release it now
-                    await self._release_script(keys=[lock_key], args=[token])
+        try:
+            yield edit
+        finally:
+            later.cancel()
+            for task in renewing:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if not edit.released:  # an edit's write released the lock with the record; else release it now
+                await self._release_script(keys=[lock_key], args=[token])
 
 
 class _RedisEdit:
@@ -1944,6 +1985,348 @@ class JASON:
 
     def _where(self, key: str) -> str:
         return self._store.where(key)
+
+
+# ---------------------------------------------------------------- framework adapters
+#
+# The state a bot framework keeps for itself, in a JASON of its own:
+# jason.AiogramStorage (aiogram 3's FSM storage) and jason.PTBPersistence
+# (python-telegram-bot's persistence). Each needs its framework's base class,
+# so each class is made on first use of its name (the module __getattr__
+# below) and `import jason` imports no framework. The logic lives in the
+# plain classes here; the made class only adds the framework's base.
+
+
+def _own_database(db: object, adapter: str) -> JASON:
+    """db, if it can hold an adapter's records: a JASON opened without a default structure."""
+    if not isinstance(db, JASON):
+        raise TypeError(f"{adapter} needs a JASON instance, not {type(db).__name__}: "
+                        f"{adapter}(JASON(\"data/...\"))")
+    if db._defaults:
+        raise ValueError(f"{adapter} needs a JASON of its own, opened without default_structure: its "
+                         "records hold the framework's state, and defaults merged into them would change it")
+    return db
+
+
+def _aiogram_place(key: Any) -> tuple[int | str, str]:
+    """(record id, entry name) of an aiogram StorageKey.
+
+    One record per Telegram user, one entry per place the user has state in:
+    "bot 42 chat 12345", plus " thread 7", " business \\"id\\"" and
+    " destiny \\"name\\"" where the key has them. Strings are written as JSON
+    strings, so two different keys never share an entry.
+    """
+    entry = f"bot {key.bot_id} chat {key.chat_id}"
+    if key.thread_id is not None:
+        entry += f" thread {key.thread_id}"
+    if key.business_connection_id is not None:
+        entry += " business " + json.dumps(key.business_connection_id, ensure_ascii=False)
+    if key.destiny != "default":
+        entry += " destiny " + json.dumps(key.destiny, ensure_ascii=False)
+    return key.user_id, entry
+
+
+class _AiogramStorage:
+    """aiogram 3's FSM storage over a JASON: ``jason.AiogramStorage(JASON("data/fsm"))``.
+
+    Each Telegram user has one record, holding their state and data in every
+    chat (see _aiogram_place): ``{"bot 42 chat 12345": {"state": "Form:age",
+    "data": {"name": "Ann"}}}``. An entry whose state is None and data empty
+    is removed; the record itself stays. Every change is one edit of the
+    record, so it is durable when the call returns and never lost to another
+    change at the same time. close() closes the JASON.
+    """
+
+    def __init__(self, db: JASON) -> None:
+        self.db = _own_database(db, "AiogramStorage")
+
+    async def _entry(self, key: Any) -> dict[str, Any]:
+        user, name = _aiogram_place(key)
+        record = await self.db.load_user_data(user)
+        return self._checked_entry(record, name, user)
+
+    def _checked_entry(self, record: dict[str, Any], name: str, user: int | str) -> dict[str, Any]:
+        entry = record.get(name, {"state": None, "data": {}})
+        if not (isinstance(entry, dict) and isinstance(entry.get("data"), dict)
+                and isinstance(entry.get("state"), (str, type(None)))):
+            raise CorruptDataError(self.db._where(_user_key(user)),
+                                   f"{name!r} is not an FSM entry {{\"state\": ..., \"data\": {{...}}}}")
+        return entry
+
+    @contextlib.asynccontextmanager
+    async def _editing(self, key: Any) -> AsyncIterator[dict[str, Any]]:
+        """The key's entry, stored when the block ends; removed when it holds nothing."""
+        user, name = _aiogram_place(key)
+        async with self.db.edit_user_data(user) as record:
+            entry = self._checked_entry(record, name, user)
+            yield entry
+            if entry["state"] is None and not entry["data"]:
+                record.pop(name, None)
+            else:
+                record[name] = entry
+
+    async def set_state(self, key: Any, state: Any = None) -> None:
+        from aiogram.fsm.state import State
+
+        if isinstance(state, State):
+            state = state.state
+        if state is not None and not isinstance(state, str):
+            raise TypeError(f"an FSM state must be a State, a str or None, not {type(state).__name__}")
+        async with self._editing(key) as entry:
+            entry["state"] = state
+
+    async def get_state(self, key: Any) -> str | None:
+        state: str | None = (await self._entry(key))["state"]
+        return state
+
+    async def set_data(self, key: Any, data: Mapping[str, Any]) -> None:
+        from aiogram.exceptions import DataNotDictLikeError
+
+        if not isinstance(data, dict):
+            raise DataNotDictLikeError(f"Data must be a dict or dict-like object, got {type(data).__name__}")
+        plain = _check_storable(data, "FSM data")  # a value JSON cannot hold fails here, not later
+        async with self._editing(key) as entry:
+            entry["data"] = plain
+
+    async def get_data(self, key: Any) -> dict[str, Any]:
+        data: dict[str, Any] = (await self._entry(key))["data"]
+        return data
+
+    async def get_value(self, storage_key: Any, dict_key: str, default: Any = None) -> Any:
+        return (await self._entry(storage_key))["data"].get(dict_key, default)
+
+    async def update_data(self, key: Any, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge data into the key's data in one edit: two updates at once both land."""
+        async with self._editing(key) as entry:
+            entry["data"].update(data)
+            entry["data"] = _check_storable(entry["data"], "FSM data")
+        return _copy_json(entry["data"])  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    def create_isolation(self) -> Any:
+        """An event isolation for Dispatcher(events_isolation=...): one update per key at a time.
+
+        On PostgreSQL and Redis it holds across every process sharing the
+        database; on a folder, which has one writer process, within it.
+        """
+        return _adapter_class("AiogramIsolation")(self.db)
+
+
+class _AiogramIsolation:
+    """aiogram's BaseEventIsolation over the store's named locks; made by AiogramStorage.create_isolation()."""
+
+    def __init__(self, db: JASON) -> None:
+        self.db = db
+
+    @contextlib.asynccontextmanager
+    async def lock(self, key: Any) -> AsyncIterator[None]:
+        user, name = _aiogram_place(key)
+        self.db._enter()
+        async with self.db._store.exclusive(f"{_user_key(user)} {name}"):
+            yield
+
+    async def close(self) -> None:
+        pass  # the storage closes the JASON
+
+
+def _ptb_conversation_key(name: str, key: tuple[Any, ...]) -> str:
+    """A ConversationHandler key as a JSON array, "[chat, user]": ints and strs come back as they were."""
+    if not isinstance(key, tuple) or not all(isinstance(part, (int, str)) for part in key):
+        raise TypeError(f"conversation {name!r}: a key must be a tuple of ints and strs, not {key!r}")
+    _check_storable({"key": list(key)}, f"conversation {name!r}")
+    return json.dumps(list(key), ensure_ascii=False)
+
+
+class _PTBPersistence:
+    """python-telegram-bot's persistence over a JASON: ``jason.PTBPersistence(JASON("data/ptb"))``.
+
+    user_data, chat_data, bot_data, callback_data and each persistent
+    ConversationHandler's states are records of their own: "user_<id>",
+    "chat_<id>", "bot_data", "callback_data" and "conversations_<name>", the
+    last keyed by each conversation's key as a JSON array ("[chat, user]").
+    The Application hands changes over every update_interval seconds; each
+    changed record is then saved durably, and an unchanged one is skipped.
+    A value JSON cannot hold raises TypeError or ValueError naming it, which
+    the Application passes to its error handlers (or logs), and flush() (at
+    Application.stop()) raises JasonError while any record is still unsaved.
+    The JASON stays open: close it after the Application shuts down.
+    """
+
+    def __init__(self, db: JASON, store_data: Any = None, update_interval: float = 1) -> None:
+        super().__init__(store_data=store_data, update_interval=update_interval)  # type: ignore[call-arg]
+        self.db = _own_database(db, "PTBPersistence")
+        self.store_data: Any
+        self._stored: dict[str, bytes] = {}  # record id -> digest of the bytes last read or saved
+        self._unsaved: dict[str, str] = {}  # record id -> why its latest version could not be saved
+        self._conversation_changes: dict[str, dict[str, Any]] = {}
+        self._conversation_locks: dict[str, asyncio.Lock] = {}
+
+    @staticmethod
+    def _digest(compact: bytes) -> bytes:
+        import hashlib
+
+        return hashlib.blake2b(compact, digest_size=16).digest()
+
+    async def _load(self, record_id: str) -> dict[str, Any] | None:
+        if not await self.db.user_exists(record_id):
+            return None
+        record = await self.db.load_user_data(record_id)
+        self._stored[record_id] = self._digest(_encode_record(record, pretty=False)[0])
+        return record
+
+    async def _save(self, record_id: str, data: object, what: str) -> None:
+        """Save data as record_id unless it is what was stored last; remember a failure for flush()."""
+        try:
+            if not isinstance(data, Mapping):
+                raise TypeError(f"cannot store {what}: PTBPersistence stores dicts, not {type(data).__name__}")
+            compact, _ = _encode_record(data, pretty=False, name=what)
+            digest = self._digest(compact)
+            if self._stored.get(record_id) != digest:
+                self._stored.pop(record_id, None)  # unknown until the save returns
+                await self.db.save_user_data(record_id, data)
+                self._stored[record_id] = digest
+        except Exception as exc:
+            self._unsaved[record_id] = f"{type(exc).__name__}: {exc}"
+            raise
+        self._unsaved.pop(record_id, None)
+
+    async def _drop(self, record_id: str) -> None:
+        self._stored.pop(record_id, None)
+        await self.db.delete_user_data(record_id)
+        self._unsaved.pop(record_id, None)
+
+    async def _load_kind(self, kind: str) -> dict[int, Any]:
+        """Every user_<id> or chat_<id> record, by id, read a batch at a time."""
+        prefix = f"{kind}_"
+        record_ids = [record_id for record_id in await self.db.user_ids() if record_id.startswith(prefix)]
+        loaded: dict[int, Any] = {}
+        for start in range(0, len(record_ids), 100):
+            batch = record_ids[start:start + 100]
+            for record_id, record in zip(batch, await asyncio.gather(*(self._load(name) for name in batch))):
+                number = record_id[len(prefix):]
+                if not re.fullmatch(r"-?[1-9][0-9]*|0", number):
+                    raise CorruptDataError(self.db._where(record_id), f"not a {kind} id python-telegram-bot uses")
+                if record is not None:  # deleted since the listing
+                    loaded[int(number)] = record
+        return loaded
+
+    async def get_user_data(self) -> dict[int, Any]:
+        return await self._load_kind("user") if self.store_data.user_data else {}
+
+    async def get_chat_data(self) -> dict[int, Any]:
+        return await self._load_kind("chat") if self.store_data.chat_data else {}
+
+    async def get_bot_data(self) -> Any:
+        return (await self._load("bot_data") or {}) if self.store_data.bot_data else {}
+
+    async def get_callback_data(self) -> Any:
+        if not self.store_data.callback_data:
+            return None
+        record = await self._load("callback_data")
+        if record is None:
+            return None
+        # Stored as lists, since JSON has no tuples; handed back as the tuples PTB keeps.
+        return [tuple(button) for button in record["buttons"]], record["queries"]
+
+    async def get_conversations(self, name: str) -> dict[tuple[Any, ...], object]:
+        record = await self._load(f"conversations_{name}") or {}
+        return {tuple(json.loads(key)): state for key, state in record.items()}
+
+    async def update_user_data(self, user_id: int, data: Any) -> None:
+        if self.store_data.user_data:
+            await self._save(f"user_{user_id}", data, f"user_data[{user_id}]")
+
+    async def update_chat_data(self, chat_id: int, data: Any) -> None:
+        if self.store_data.chat_data:
+            await self._save(f"chat_{chat_id}", data, f"chat_data[{chat_id}]")
+
+    async def update_bot_data(self, data: Any) -> None:
+        if self.store_data.bot_data:
+            await self._save("bot_data", data, "bot_data")
+
+    async def update_callback_data(self, data: Any) -> None:
+        if self.store_data.callback_data:
+            buttons, queries = data
+            record = {"buttons": [list(button) for button in buttons], "queries": queries}
+            await self._save("callback_data", record, "callback_data")
+
+    async def update_conversation(self, name: str, key: tuple[Any, ...], new_state: object | None) -> None:
+        """Record one key's new state (None ends it); changes waiting together are saved in one edit."""
+        conversation = _ptb_conversation_key(name, key)
+        _check_storable({conversation: new_state}, f"conversation {name!r}")  # fails here, for its caller
+        record_id = f"conversations_{name}"
+        self._conversation_changes.setdefault(record_id, {})[conversation] = new_state
+        lock = self._conversation_locks.setdefault(record_id, asyncio.Lock())
+        async with lock:
+            changes = self._conversation_changes.pop(record_id, None)
+            if not changes:
+                return  # an earlier caller saved this change with its own
+            try:
+                async with self.db.edit_user_data(record_id) as states:
+                    for conversation, state in changes.items():
+                        if state is None:
+                            states.pop(conversation, None)
+                        else:
+                            states[conversation] = state
+            except Exception as exc:
+                self._unsaved[record_id] = f"{type(exc).__name__}: {exc}"
+                raise
+            self._unsaved.pop(record_id, None)
+
+    async def drop_user_data(self, user_id: int) -> None:
+        await self._drop(f"user_{user_id}")
+
+    async def drop_chat_data(self, chat_id: int) -> None:
+        await self._drop(f"chat_{chat_id}")
+
+    async def refresh_user_data(self, user_id: int, user_data: Any) -> None:
+        pass  # this process saved the Application's copy: it is the latest
+
+    async def refresh_chat_data(self, chat_id: int, chat_data: Any) -> None:
+        pass
+
+    async def refresh_bot_data(self, bot_data: Any) -> None:
+        pass
+
+    async def flush(self) -> None:
+        """Every change was saved when it was handed over; raise JasonError for any that could not be."""
+        if self._unsaved:
+            failures = "; ".join(f"{record_id}: {why}" for record_id, why in sorted(self._unsaved.items()))
+            raise JasonError(f"PTBPersistence could not save {len(self._unsaved)} record(s) of "
+                             f"{self.db.location}, which keep their last saved version: {failures}")
+
+
+# name -> (the logic, the framework module and base class, the extra that installs the framework)
+_ADAPTERS: Final = {
+    "AiogramStorage": (_AiogramStorage, "aiogram.fsm.storage.base", "BaseStorage", "aiogram"),
+    "AiogramIsolation": (_AiogramIsolation, "aiogram.fsm.storage.base", "BaseEventIsolation", "aiogram"),
+    "PTBPersistence": (_PTBPersistence, "telegram.ext", "BasePersistence", "telegram"),
+}
+_adapter_classes: dict[str, type] = {}
+
+
+def _adapter_class(name: str) -> type:
+    """The adapter class called name, made on first use from its logic and its framework's base."""
+    made = _adapter_classes.get(name)
+    if made is None:
+        logic, module, base, extra = _ADAPTERS[name]
+        try:
+            framework_base = getattr(importlib.import_module(module), base)
+        except ImportError as exc:
+            raise ImportError(f"jason.{name} needs {module.split('.')[0]}, which could not be imported "
+                              f"({exc}): pip install \"jason-db[{extra}]\"") from exc
+        made = type(name, (logic, framework_base), {"__module__": __name__, "__doc__": logic.__doc__})
+        _adapter_classes[name] = made
+    return made
+
+
+def __getattr__(name: str) -> Any:
+    """jason.AiogramStorage and jason.PTBPersistence, made on first use (PEP 562)."""
+    if name in ("AiogramStorage", "PTBPersistence"):
+        return _adapter_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- command line

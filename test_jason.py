@@ -1846,8 +1846,324 @@ class LockFileTest(unittest.TestCase):
         asyncio.run(db.close())
 
 
+# ---------------------------------------------------------------- framework adapters
+
+
+def imports(module: str) -> bool:
+    """True when module imports here: aiogram needs aiofiles, which `make test-stdlib` blocks."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
+HAVE_AIOGRAM = imports("aiogram")
+HAVE_PTB = imports("telegram.ext")
+
+
+class AdapterMixin(FolderMixin):
+    """An adapter's JASON: opened without a default structure, closed by the test's teardown."""
+
+    def adapter_db(self) -> JASON:
+        return self.open_db(default_structure=None)
+
+    async def readonly_record(self, record_id: str) -> dict[str, Any]:
+        """A record as any reader of the database sees it: plain JSON, no framework needed."""
+        async with JASON(self.location, readonly=True, **self.options) as reader:  # type: ignore[arg-type]
+            return await reader.load_user_data(record_id)
+
+
+@needs(HAVE_AIOGRAM, "aiogram, for jason.AiogramStorage (pip install -r examples/requirements.txt)")
+class AiogramStorageTest(AdapterMixin):
+    def storage(self) -> Any:
+        return jason.AiogramStorage(self.adapter_db())
+
+    @staticmethod
+    def key(user: int = 7, chat: int | None = None, **parts: Any) -> Any:
+        from aiogram.fsm.storage.base import StorageKey
+
+        return StorageKey(bot_id=parts.pop("bot_id", 42), chat_id=user if chat is None else chat, user_id=user,
+                          **parts)
+
+    async def test_state_and_data_survive_closing_and_reopening(self) -> None:
+        from aiogram.fsm.state import State, StatesGroup
+
+        class Form(StatesGroup):
+            name = State()
+
+        storage = self.storage()
+        await storage.set_state(self.key(), Form.name)
+        await storage.set_data(self.key(), {"name": "Ann", "tags": ["a"]})
+        self.assertEqual(await storage.get_state(self.key()), "Form:name")
+        data = await storage.get_data(self.key())
+        data["tags"].append("changed by the caller")
+        self.assertEqual(await storage.get_data(self.key()), {"name": "Ann", "tags": ["a"]})
+        await storage.close()
+        with self.assertRaisesRegex(JasonError, "is closed"):  # close() closed the JASON it was given
+            await storage.db.user_ids()
+        reopened = self.storage()
+        self.assertEqual(await reopened.get_state(self.key()), "Form:name")
+        self.assertEqual(await reopened.get_data(self.key()), {"name": "Ann", "tags": ["a"]})
+        self.assertEqual(await self.readonly_record("7"),
+                         {"bot 42 chat 7": {"state": "Form:name", "data": {"name": "Ann", "tags": ["a"]}}})
+
+    async def test_every_part_of_the_key_keeps_its_own_state(self) -> None:
+        storage = self.storage()
+        keys = {
+            "bot 42 chat 7": self.key(),
+            "bot 43 chat 7": self.key(bot_id=43),
+            "bot 42 chat -100": self.key(chat=-100),
+            "bot 42 chat -100 thread 0": self.key(chat=-100, thread_id=0),
+            "bot 42 chat -100 thread 5": self.key(chat=-100, thread_id=5),
+            'bot 42 chat 7 business "b:1"': self.key(business_connection_id="b:1"),
+            'bot 42 chat 7 destiny "quiz"': self.key(destiny="quiz"),
+            'bot 42 chat 7 business "b:1" destiny "quiz"': self.key(business_connection_id="b:1", destiny="quiz"),
+        }
+        for name, key in keys.items():
+            await storage.set_state(key, f"state of {name}")
+        for name, key in keys.items():
+            self.assertEqual(await storage.get_state(key), f"state of {name}")
+        self.assertEqual(await self.readonly_record("7"),
+                         {name: {"state": f"state of {name}", "data": {}} for name in keys})
+        self.assertIsNone(await storage.get_state(self.key(user=8)))
+        self.assertEqual(await storage.get_data(self.key(user=8)), {})
+
+    async def test_data_that_is_not_a_dict_gets_aiograms_error(self) -> None:
+        from aiogram.exceptions import DataNotDictLikeError
+
+        storage = self.storage()
+        await storage.set_data(self.key(), {"kept": 1})
+        for bad in (["a"], "text", None):
+            with self.subTest(data=bad), self.assertRaises(DataNotDictLikeError):
+                await storage.set_data(self.key(), bad)
+        self.assertEqual(await storage.get_data(self.key()), {"kept": 1})
+
+    async def test_a_value_json_cannot_hold_fails_when_it_is_set(self) -> None:
+        import datetime
+
+        storage = self.storage()
+        await storage.set_state(self.key(), "Form:name")
+        await storage.set_data(self.key(), {"kept": 1})
+        with self.assertRaisesRegex(TypeError, r"FSM data\['when'\]: datetime is not JSON"):
+            await storage.set_data(self.key(), {"when": datetime.datetime.now()})
+        with self.assertRaisesRegex(TypeError, r"FSM data\['tags'\]: set is not JSON"):
+            await storage.update_data(self.key(), {"tags": {"a"}})
+        with self.assertRaisesRegex(TypeError, "a State, a str or None, not int"):
+            await storage.set_state(self.key(), 5)
+        self.assertEqual(await storage.get_state(self.key()), "Form:name")
+        self.assertEqual(await storage.get_data(self.key()), {"kept": 1})
+
+    async def test_get_value_with_and_without_a_default(self) -> None:
+        storage = self.storage()
+        await storage.set_data(self.key(), {"name": "Ann", "nothing": None})
+        self.assertEqual(await storage.get_value(self.key(), "name"), "Ann")
+        self.assertIsNone(await storage.get_value(self.key(), "missing"))
+        self.assertEqual(await storage.get_value(self.key(), "missing", 5), 5)
+        self.assertIsNone(await storage.get_value(self.key(), "nothing", 5))
+
+    async def test_updates_at_once_from_two_instances_all_land(self) -> None:
+        first, second = self.storage(), self.storage()  # on a server: two clients, as two processes would be
+        results = await asyncio.gather(*(
+            (first if n % 2 else second).update_data(self.key(), {f"field{n}": n}) for n in range(100)))
+        self.assertEqual(await first.get_data(self.key()), {f"field{n}": n for n in range(100)})
+        self.assertEqual(max(len(result) for result in results), 100)  # each returns the data after its merge
+
+    async def test_clearing_a_key_removes_its_entry(self) -> None:
+        storage = self.storage()
+        await storage.set_state(self.key(), "Form:name")
+        await storage.set_state(self.key(chat=-100), "Other:step")
+        await storage.update_data(self.key(), {"name": "Ann"})
+        await storage.set_state(self.key(), None)  # what FSMContext.clear() does
+        await storage.set_data(self.key(), {})
+        self.assertEqual(await self.readonly_record("7"),
+                         {"bot 42 chat -100": {"state": "Other:step", "data": {}}})
+
+    async def test_a_database_with_defaults_or_not_a_jason_is_refused(self) -> None:
+        with self.assertRaisesRegex(ValueError, "JASON of its own, opened without default_structure"):
+            jason.AiogramStorage(self.db)
+        with self.assertRaisesRegex(TypeError, "needs a JASON instance, not str"):
+            jason.AiogramStorage(self.location)
+
+    async def test_an_entry_that_is_not_fsm_state_is_reported(self) -> None:
+        storage = self.storage()
+        await storage.db.save_user_data(7, {"bot 42 chat 7": "not an entry"})
+        with self.assertRaisesRegex(CorruptDataError, "is not an FSM entry"):
+            await storage.get_state(self.key())
+        with self.assertRaisesRegex(CorruptDataError, "is not an FSM entry"):
+            await storage.set_state(self.key(), "Form:name")
+        self.assertEqual(await self.readonly_record("7"), {"bot 42 chat 7": "not an entry"})
+
+    async def test_the_isolation_runs_one_update_per_key_at_a_time(self) -> None:
+        first, second = self.storage().create_isolation(), self.storage().create_isolation()
+        events: list[str] = []
+        held, other_key_done = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with first.lock(self.key()):
+                events.append("first in")
+                held.set()
+                await other_key_done.wait()
+                await asyncio.sleep(0.2)  # room for the second to get in, if the lock let it
+                events.append("first out")
+
+        async def same_key() -> None:
+            await held.wait()
+            async with second.lock(self.key()):
+                events.append("second in")
+
+        async def other_key() -> None:
+            await held.wait()
+            async with second.lock(self.key(user=8)):  # a different key is not held up
+                other_key_done.set()
+
+        await asyncio.wait_for(asyncio.gather(holder(), same_key(), other_key()), CHILD_TIMEOUT)
+        self.assertEqual(events, ["first in", "first out", "second in"])
+
+
+@needs(HAVE_PTB, "python-telegram-bot, for jason.PTBPersistence (pip install -r examples/requirements.txt)")
+class PTBPersistenceTest(AdapterMixin):
+    def persistence(self, **options: Any) -> Any:
+        return jason.PTBPersistence(self.adapter_db(), **options)
+
+    async def test_every_kind_of_data_comes_back_in_a_new_persistence(self) -> None:
+        persistence = self.persistence()
+        await persistence.update_user_data(5, {"name": "Ann", "scores": [1, 2]})
+        await persistence.update_chat_data(-1001, {"topic": "runs"})
+        await persistence.update_bot_data({"signed_up": 3})
+        await persistence.update_callback_data(([("uuid1", 1.5, {"a": 1}), ("uuid2", 2.0, {})], {"q1": "uuid1"}))
+        await persistence.update_conversation("signup", (5, 5), 1)
+        await persistence.update_conversation("signup", (-1001, 5), "ASK_CITY")
+        await persistence.update_conversation("signup", ("inline-id",), 2)
+        await persistence.update_conversation("other", (5, 5), 0)
+        await persistence.flush()
+
+        reopened = self.persistence()
+        self.assertEqual(await reopened.get_user_data(), {5: {"name": "Ann", "scores": [1, 2]}})
+        self.assertEqual(await reopened.get_chat_data(), {-1001: {"topic": "runs"}})
+        self.assertEqual(await reopened.get_bot_data(), {"signed_up": 3})
+        self.assertEqual(await reopened.get_callback_data(),
+                         ([("uuid1", 1.5, {"a": 1}), ("uuid2", 2.0, {})], {"q1": "uuid1"}))
+        conversations = await reopened.get_conversations("signup")
+        self.assertEqual(conversations, {(5, 5): 1, (-1001, 5): "ASK_CITY", ("inline-id",): 2})
+        self.assertEqual({type(part) for key in conversations for part in key}, {int, str})
+        self.assertEqual(await reopened.get_conversations("other"), {(5, 5): 0})
+        self.assertEqual(await reopened.get_conversations("never used"), {})
+        # Readable records, one per user, chat and handler.
+        self.assertEqual(await self.readonly_record("user_5"), {"name": "Ann", "scores": [1, 2]})
+        self.assertEqual(await self.readonly_record("conversations_signup"),
+                         {"[5, 5]": 1, "[-1001, 5]": "ASK_CITY", '["inline-id"]': 2})
+
+    async def test_an_empty_database_gives_empty_data(self) -> None:
+        persistence = self.persistence()
+        self.assertEqual(await persistence.get_user_data(), {})
+        self.assertEqual(await persistence.get_chat_data(), {})
+        self.assertEqual(await persistence.get_bot_data(), {})
+        self.assertIsNone(await persistence.get_callback_data())
+
+    async def test_ending_a_conversation_and_dropping_data_delete_them(self) -> None:
+        persistence = self.persistence()
+        await persistence.update_conversation("signup", (5, 5), 1)
+        await persistence.update_conversation("signup", (6, 6), 1)
+        await persistence.update_conversation("signup", (5, 5), None)
+        await persistence.update_user_data(5, {"a": 1})
+        await persistence.update_chat_data(5, {"a": 1})
+        await persistence.drop_user_data(5)
+        await persistence.drop_chat_data(5)
+        self.assertFalse(await persistence.db.user_exists("user_5"))
+        self.assertFalse(await persistence.db.user_exists("chat_5"))
+        reopened = self.persistence()
+        self.assertEqual(await reopened.get_conversations("signup"), {(6, 6): 1})
+        self.assertEqual(await reopened.get_user_data(), {})
+
+    async def test_conversation_changes_at_once_all_land(self) -> None:
+        persistence = self.persistence()
+        await asyncio.gather(*(persistence.update_conversation("signup", (n, n), n % 3) for n in range(300)))
+        self.assertEqual(await self.persistence().get_conversations("signup"), {(n, n): n % 3 for n in range(300)})
+
+    async def test_only_the_kinds_asked_for_are_stored(self) -> None:
+        from telegram.ext import PersistenceInput
+
+        persistence = self.persistence(store_data=PersistenceInput(user_data=False, bot_data=False))
+        await persistence.update_user_data(5, {"a": 1})
+        await persistence.update_bot_data({"a": 1})
+        await persistence.update_chat_data(5, {"a": 1})
+        self.assertEqual(await persistence.db.user_ids(), ["chat_5"])
+        await persistence.db.save_user_data("user_6", {"b": 2})  # stored earlier, by a run that kept user_data
+        self.assertEqual(await persistence.get_user_data(), {})
+        self.assertEqual(await persistence.get_chat_data(), {5: {"a": 1}})
+
+    async def test_a_value_json_cannot_hold_is_an_error_and_flush_names_it(self) -> None:
+        import datetime
+
+        persistence = self.persistence()
+        await persistence.update_user_data(5, {"visits": 1})
+        with self.assertRaisesRegex(TypeError, r"cannot store user_data\[5\]\['when'\]: datetime is not JSON"):
+            await persistence.update_user_data(5, {"visits": 2, "when": datetime.datetime.now()})
+        with self.assertRaisesRegex(TypeError, r"conversation 'signup'.*: set is not JSON"):
+            await persistence.update_conversation("signup", (5, 5), {1, 2})
+        self.assertEqual(await self.readonly_record("user_5"), {"visits": 1})  # the last saved version
+        with self.assertRaisesRegex(JasonError, r"could not save 1 record.*user_5: TypeError: cannot store"):
+            await persistence.flush()
+        await persistence.update_user_data(5, {"visits": 3})  # the next good version clears it
+        await persistence.flush()
+        self.assertEqual(await self.readonly_record("user_5"), {"visits": 3})
+
+    async def test_the_update_interval_is_honoured_and_defaults_to_one_second(self) -> None:
+        self.assertEqual(self.persistence().update_interval, 1)
+        self.assertEqual(self.persistence(update_interval=7.5).update_interval, 7.5)
+
+    @folder_only
+    async def test_an_unchanged_record_is_not_rewritten(self) -> None:
+        persistence = self.persistence()
+        await persistence.update_bot_data({"a": [1, 2]})
+        written = os.stat(self.path("bot_data"))
+        await persistence.update_bot_data({"a": [1, 2]})  # the Application hands bot_data over every interval
+        self.assertEqual(os.stat(self.path("bot_data")).st_ino, written.st_ino)  # a save makes a new file
+        reopened = self.persistence()
+        await reopened.get_bot_data()
+        await reopened.update_bot_data({"a": [1, 2]})  # also after a restart
+        self.assertEqual(os.stat(self.path("bot_data")).st_ino, written.st_ino)
+        await reopened.update_bot_data({"a": [1, 2, 3]})
+        self.assertNotEqual(os.stat(self.path("bot_data")).st_ino, written.st_ino)
+
+
+class AdapterImportTest(unittest.TestCase):
+    def test_importing_jason_imports_no_framework(self) -> None:
+        probe = """
+            import sys, jason
+            print(sorted(name for name in ("aiogram", "telegram", "asyncpg", "redis") if name in sys.modules))
+        """
+        self.assertEqual(run_child(probe).stdout.strip(), "[]")
+
+    def test_a_missing_framework_names_its_install_command(self) -> None:
+        probe = """
+            import sys
+            sys.modules["aiogram"] = None
+            sys.modules["telegram"] = None
+            import jason
+            for name in ("AiogramStorage", "PTBPersistence"):
+                try:
+                    getattr(jason, name)
+                except ImportError as exc:
+                    print(exc)
+            try:
+                jason.NoSuchThing
+            except AttributeError as exc:
+                print(exc)
+        """
+        lines = run_child(probe).stdout.splitlines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn('jason.AiogramStorage needs aiogram', lines[0])
+        self.assertIn('pip install "jason-db[aiogram]"', lines[0])
+        self.assertIn('pip install "jason-db[telegram]"', lines[1])
+        self.assertIn("has no attribute 'NoSuchThing'", lines[2])
+
+
 on_every_backend(ConstructionTest, LoadTest, SaveTest, EditTest, DeleteTest, UserIdsTest, UserIdMappingTest,
-                 BadInputSweepTest, ConcurrencyTest, CloseTest, ReentryTest)
+                 BadInputSweepTest, ConcurrencyTest, CloseTest, ReentryTest, AiogramStorageTest, PTBPersistenceTest)
 
 
 # ---------------------------------------------------------------- server backends
