@@ -2149,9 +2149,9 @@ class _PTBPersistence:
     The Application hands changes over every update_interval seconds; each
     changed record is then saved durably, and an unchanged one is skipped.
     A value JSON cannot hold raises TypeError or ValueError naming it, which
-    the Application passes to its error handlers (or logs), and flush() (at
-    Application.stop()) raises JasonError while any record is still unsaved.
-    The JASON stays open: close it after the Application shuts down.
+    the Application passes to its error handlers (or logs); and flush(), the
+    last step of Application.shutdown(), raises JasonError while any record is
+    still unsaved. The JASON stays open: close it in post_shutdown.
     """
 
     def __init__(self, db: JASON, store_data: Any = None, update_interval: float = 1) -> None:

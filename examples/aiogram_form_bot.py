@@ -69,8 +69,8 @@ async def got_city(message: Message, state: FSMContext) -> None:
     await message.answer(f"Thanks, {data['name']} ({data['age']}) from {data['city']}!")
 
 
-def build_dispatcher(folder: str = "data/fsm") -> Dispatcher:
-    storage = AiogramStorage(JASON(os.environ.get("JASON_FSM_FOLDER", folder)))
+def build_dispatcher() -> Dispatcher:
+    storage = AiogramStorage(JASON(os.environ.get("JASON_FSM_FOLDER", "data/fsm")))
     # The dispatcher closes the storage, and with it the JASON, when polling stops.
     dispatcher = Dispatcher(storage=storage, events_isolation=storage.create_isolation())
     dispatcher.include_router(router)

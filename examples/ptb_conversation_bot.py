@@ -77,9 +77,9 @@ async def close_db(application: Application) -> None:
     await application.persistence.db.close()
 
 
-def build_application(builder: ApplicationBuilder, folder: str = "data/ptb") -> Application:
-    # Changes reach the JASON every update_interval seconds (1 by default): at most that much is lost in a crash.
-    persistence = PTBPersistence(JASON(os.environ.get("JASON_PTB_FOLDER", folder)), update_interval=1)
+def build_application(builder: ApplicationBuilder, update_interval: float = 1) -> Application:
+    # Changes reach the JASON every update_interval seconds: a crash loses at most that much.
+    persistence = PTBPersistence(JASON(os.environ.get("JASON_PTB_FOLDER", "data/ptb")), update_interval=update_interval)
     application = builder.persistence(persistence).post_shutdown(close_db).build()
     text = filters.TEXT & ~filters.COMMAND
     application.add_handler(ConversationHandler(

@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+import jason  # noqa: E402
 from jason import JASON, JasonError  # noqa: E402
 
 USERS = 1000
@@ -37,6 +38,105 @@ def installed(module: str) -> bool:
         return True
     except ImportError:
         return False
+
+
+HAVE_AIOGRAM = installed("aiogram")
+HAVE_PTB = installed("telegram")
+NEEDS_AIOGRAM = unittest.skipUnless(HAVE_AIOGRAM, "aiogram is not importable: pip install -r examples/requirements.txt")
+NEEDS_PTB = unittest.skipUnless(HAVE_PTB, "python-telegram-bot missing: pip install -r examples/requirements.txt")
+BOT_TOKEN = "123456:TEST-TOKEN-OFFLINE"
+BOT_ID = 123456
+
+
+def aiogram_recording_bot() -> tuple[Any, list[tuple[int, str]]]:
+    """An aiogram Bot whose HTTP session records each message it sends (chat, text) and answers like Telegram."""
+    from aiogram import Bot
+    from aiogram.client.session.base import BaseSession
+    from aiogram.methods import SendMessage
+    from aiogram.types import Chat, Message
+
+    class RecordingSession(BaseSession):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sent: list[tuple[int, str]] = []
+
+        async def make_request(self, bot: Any, method: Any, timeout: int | None = None) -> Any:
+            if not isinstance(method, SendMessage):
+                raise AssertionError(f"the bot called {type(method).__name__}, which the test does not expect")
+            self.sent.append((int(method.chat_id), method.text))
+            chat = Chat(id=int(method.chat_id), type="private")
+            return Message(message_id=len(self.sent), date=datetime.now(timezone.utc), chat=chat, text=method.text)
+
+        async def stream_content(self, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("no downloads expected")
+            yield b""  # pragma: no cover
+
+        async def close(self) -> None:
+            pass
+
+    session = RecordingSession()
+    return Bot(BOT_TOKEN, session=session), session.sent
+
+
+def aiogram_update(update_id: int, user: int, text: str) -> Any:
+    """A private message from user, as Telegram would deliver it."""
+    from aiogram.types import Chat, Message, Update, User
+
+    return Update(update_id=update_id, message=Message(
+        message_id=update_id, date=datetime.now(timezone.utc), chat=Chat(id=user, type="private"),
+        from_user=User(id=user, is_bot=False, first_name=f"User{user}"), text=text,
+    ))
+
+
+def ptb_recording_builder() -> tuple[Any, list[tuple[int, str]]]:
+    """An ApplicationBuilder whose request layer records each message sent (chat, text) and answers like Telegram."""
+    from telegram.ext import ApplicationBuilder
+    from telegram.request import BaseRequest
+
+    class RecordingRequest(BaseRequest):
+        def __init__(self) -> None:
+            self.sent: list[tuple[int, str]] = []
+
+        @property
+        def read_timeout(self) -> float | None:
+            return None
+
+        async def initialize(self) -> None:
+            pass
+
+        async def shutdown(self) -> None:
+            pass
+
+        async def do_request(self, url: str, method: str, request_data: Any = None, *args: Any,
+                             **kwargs: Any) -> tuple[int, bytes]:
+            endpoint = url.rsplit("/", 1)[-1]
+            parameters = request_data.parameters if request_data else {}
+            if endpoint == "getMe":
+                result: dict[str, Any] = {"id": BOT_ID, "is_bot": True, "first_name": "T", "username": "test_bot"}
+            elif endpoint == "sendMessage":
+                self.sent.append((int(parameters["chat_id"]), parameters["text"]))
+                result = {"message_id": len(self.sent), "date": 0, "text": parameters["text"],
+                          "chat": {"id": int(parameters["chat_id"]), "type": "private"}}
+            else:
+                raise AssertionError(f"the bot called {endpoint}, which the test does not expect")
+            return 200, json.dumps({"ok": True, "result": result}).encode()
+
+    request = RecordingRequest()
+    builder = ApplicationBuilder().token(BOT_TOKEN).request(request).get_updates_request(RecordingRequest())
+    return builder, request.sent
+
+
+def ptb_update(application: Any, update_id: int, user: int, text: str) -> Any:
+    """A private message from user (a command when it starts with /), as Telegram would deliver it."""
+    from telegram import Update
+
+    message: dict[str, Any] = {
+        "message_id": update_id, "date": 0, "chat": {"id": user, "type": "private"}, "text": text,
+        "from": {"id": user, "is_bot": False, "first_name": f"User{user}"},
+    }
+    if text.startswith("/"):
+        message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+    return Update.de_json({"update_id": update_id, "message": message}, application.bot)
 
 
 class ChallengeScenario:
@@ -87,46 +187,18 @@ class ChallengeScenario:
             await self.deliver(updates[start:start + CONCURRENT])
 
 
-@unittest.skipUnless(installed("aiogram"), "aiogram is not importable: pip install -r examples/requirements.txt")
+@NEEDS_AIOGRAM
 class AiogramBotTest(ChallengeScenario, unittest.IsolatedAsyncioTestCase):
     async def test_1000_users_through_the_real_dispatcher(self) -> None:
         import aiogram_bot
-        from aiogram import Bot
-        from aiogram.client.session.base import BaseSession
-        from aiogram.methods import SendMessage
-        from aiogram.types import Chat, Message, Update, User
 
-        class RecordingSession(BaseSession):
-            """The bot's HTTP session: records each request and answers it like Telegram would."""
-
-            def __init__(self) -> None:
-                super().__init__()
-                self.sent: list[tuple[int, str]] = []
-
-            async def make_request(self, bot: Any, method: Any, timeout: int | None = None) -> Any:
-                if not isinstance(method, SendMessage):
-                    raise AssertionError(f"the bot called {type(method).__name__}, which the test does not expect")
-                self.sent.append((int(method.chat_id), method.text))
-                chat = Chat(id=int(method.chat_id), type="private")
-                return Message(message_id=len(self.sent), date=datetime.now(timezone.utc), chat=chat, text=method.text)
-
-            async def stream_content(self, *args: Any, **kwargs: Any) -> Any:
-                raise AssertionError("no downloads expected")
-                yield b""  # pragma: no cover
-
-            async def close(self) -> None:
-                pass
-
-        self.session = RecordingSession()
-        bot = Bot("123456:TEST-TOKEN-OFFLINE", session=self.session)
+        bot, self.sent = aiogram_recording_bot()
         dispatcher = aiogram_bot.build_dispatcher()
         ids = itertools.count(1)
 
         async def deliver(updates: list[tuple[int, str]]) -> None:
-            await asyncio.gather(*(dispatcher.feed_update(bot, Update(update_id=(n := next(ids)), message=Message(
-                message_id=n, date=datetime.now(timezone.utc), chat=Chat(id=user, type="private"),
-                from_user=User(id=user, is_bot=False, first_name=f"User{user}"), text=text,
-            ))) for user, text in updates))
+            await asyncio.gather(*(dispatcher.feed_update(bot, aiogram_update(next(ids), user, text))
+                                   for user, text in updates))
 
         self.deliver = deliver  # type: ignore[method-assign]
         with tempfile.TemporaryDirectory() as folder, mock.patch.dict(os.environ, {"JASON_FOLDER": folder}):
@@ -139,64 +211,21 @@ class AiogramBotTest(ChallengeScenario, unittest.IsolatedAsyncioTestCase):
                 await dispatcher["db"].user_ids()
 
     def replies(self) -> list[tuple[int, str]]:
-        return self.session.sent
+        return self.sent
 
 
-@unittest.skipUnless(installed("telegram"), "python-telegram-bot missing: pip install -r examples/requirements.txt")
+@NEEDS_PTB
 class PTBBotTest(ChallengeScenario, unittest.IsolatedAsyncioTestCase):
     async def test_1000_users_through_the_real_application(self) -> None:
         import ptb_bot
-        from telegram import Update
-        from telegram.ext import ApplicationBuilder
-        from telegram.request import BaseRequest
 
-        class RecordingRequest(BaseRequest):
-            """The bot's request layer: records each call and answers it like Telegram would."""
-
-            def __init__(self) -> None:
-                self.sent: list[tuple[int, str]] = []
-
-            @property
-            def read_timeout(self) -> float | None:
-                return None
-
-            async def initialize(self) -> None:
-                pass
-
-            async def shutdown(self) -> None:
-                pass
-
-            async def do_request(self, url: str, method: str, request_data: Any = None, *args: Any,
-                                 **kwargs: Any) -> tuple[int, bytes]:
-                endpoint = url.rsplit("/", 1)[-1]
-                parameters = request_data.parameters if request_data else {}
-                if endpoint == "getMe":
-                    result: dict[str, Any] = {"id": 123456, "is_bot": True, "first_name": "T", "username": "test_bot"}
-                elif endpoint == "sendMessage":
-                    self.sent.append((int(parameters["chat_id"]), parameters["text"]))
-                    result = {"message_id": len(self.sent), "date": 0, "text": parameters["text"],
-                              "chat": {"id": int(parameters["chat_id"]), "type": "private"}}
-                else:
-                    raise AssertionError(f"the bot called {endpoint}, which the test does not expect")
-                return 200, json.dumps({"ok": True, "result": result}).encode()
-
-        self.request = RecordingRequest()
-        application = ptb_bot.build_application(
-            ApplicationBuilder().token("123456:TEST-TOKEN-OFFLINE").request(self.request)
-            .get_updates_request(RecordingRequest())
-        )
+        builder, self.sent = ptb_recording_builder()
+        application = ptb_bot.build_application(builder)
         ids = itertools.count(1)
 
-        def update(user: int, text: str) -> Update:
-            command = text.split()[0]
-            return Update.de_json({"update_id": (n := next(ids)), "message": {
-                "message_id": n, "date": 0, "chat": {"id": user, "type": "private"}, "text": text,
-                "from": {"id": user, "is_bot": False, "first_name": f"User{user}"},
-                "entities": [{"type": "bot_command", "offset": 0, "length": len(command)}],
-            }}, application.bot)
-
         async def deliver(updates: list[tuple[int, str]]) -> None:
-            await asyncio.gather(*(application.process_update(update(user, text)) for user, text in updates))
+            await asyncio.gather(*(application.process_update(ptb_update(application, next(ids), user, text))
+                                   for user, text in updates))
 
         self.deliver = deliver  # type: ignore[method-assign]
         with tempfile.TemporaryDirectory() as folder, mock.patch.dict(os.environ, {"JASON_FOLDER": folder}):
@@ -211,7 +240,178 @@ class PTBBotTest(ChallengeScenario, unittest.IsolatedAsyncioTestCase):
                 await application.bot_data["db"].user_ids()
 
     def replies(self) -> list[tuple[int, str]]:
-        return self.request.sent
+        return self.sent
+
+
+# ---------------------------------------------------------------- the framework's own state in JASON
+#
+# The sign-up form of aiogram_form_bot.py and ptb_conversation_bot.py: /form, a name,
+# an age (one user in seven first sends a word instead), a city. The bot stops after
+# the age and a new one starts on the same folder, so every user finishes a form that
+# only the restored state can finish.
+
+def form_steps(user: int) -> list[list[str]]:
+    """What the user sends at each step; a list of several messages is sent one after another."""
+    age = ["old", str(age_of(user))] if user % 7 == 0 else [str(age_of(user))]
+    return [["/form"], [f"User{user}"], age, [f"City{user}"]]
+
+
+def age_of(user: int) -> int:
+    return 18 + user % 60
+
+
+def thanks(user: int) -> str:
+    return f"Thanks, User{user} ({age_of(user)}) from City{user}!"
+
+
+STEPS_BEFORE_RESTART = 3
+
+
+class FormScenario:
+    """1,000 users through the form, 100 updates in flight, a restart of the bot after the age."""
+
+    sent: list[tuple[int, str]]
+
+    async def asyncSetUp(self) -> None:
+        asyncio.get_running_loop().set_debug(False)
+
+    async def deliver(self, updates: list[tuple[int, str]]) -> None:
+        raise NotImplementedError
+
+    async def deliver_steps(self, steps: range) -> None:
+        for step in steps:
+            messages = [(user, text) for user in range(1, USERS + 1) for text in form_steps(user)[step]]
+            by_user: dict[int, list[str]] = {}
+            for user, text in messages:
+                by_user.setdefault(user, []).append(text)
+            # One user's messages follow each other, as a person's do: the second waits for the first's reply.
+            rounds = max(len(texts) for texts in by_user.values())
+            for position in range(rounds):
+                batch = [(user, texts[position]) for user, texts in by_user.items() if position < len(texts)]
+                for start in range(0, len(batch), CONCURRENT):
+                    await self.deliver(batch[start:start + CONCURRENT])
+
+    def check_replies(self) -> None:
+        by_chat: dict[int, list[str]] = {}
+        for chat, text in self.sent:
+            by_chat.setdefault(chat, []).append(text)
+        for user in range(1, USERS + 1):
+            expected = ["What is your name?", "How old are you?"]
+            if user % 7 == 0:
+                expected.append("Please send your age as a number.")
+            expected += ["Which city do you live in?", thanks(user)]
+            self.assertEqual(by_chat[user], expected)  # type: ignore[attr-defined]
+
+
+@NEEDS_AIOGRAM
+class AiogramFormTest(FormScenario, unittest.IsolatedAsyncioTestCase):
+    async def test_1000_users_finish_the_form_across_a_restart(self) -> None:
+        import aiogram_form_bot
+
+        bot, self.sent = aiogram_recording_bot()
+        ids = itertools.count(1)
+        with tempfile.TemporaryDirectory() as folder, mock.patch.dict(os.environ, {"JASON_FSM_FOLDER": folder}):
+            for steps in (range(STEPS_BEFORE_RESTART), range(STEPS_BEFORE_RESTART, 4)):
+                importlib.reload(aiogram_form_bot)  # a restart: a new router, storage and JASON
+                dispatcher = aiogram_form_bot.build_dispatcher()
+
+                async def deliver(updates: list[tuple[int, str]], dispatcher: Any = dispatcher) -> None:
+                    await asyncio.gather(*(dispatcher.feed_update(bot, aiogram_update(next(ids), user, text))
+                                           for user, text in updates))
+
+                self.deliver = deliver  # type: ignore[method-assign]
+                await dispatcher.emit_startup(dispatcher=dispatcher, bot=bot, bots=[bot])
+                try:
+                    await self.deliver_steps(steps)
+                finally:
+                    await dispatcher.emit_shutdown(dispatcher=dispatcher, bot=bot, bots=[bot])
+                with self.assertRaisesRegex(JasonError, "is closed"):  # the dispatcher closed the storage's JASON
+                    await dispatcher.storage.db.user_ids()
+                if steps.start == 0:  # stopped in the middle of the form: each user's place is on disk
+                    async with JASON(folder, readonly=True) as db:
+                        for user in (1, 7, USERS):
+                            self.assertEqual(await db.load_user_data(user), {f"bot {BOT_ID} chat {user}": {
+                                "state": "Form:city", "data": {"name": f"User{user}", "age": age_of(user)}}})
+            self.check_replies()
+            async with JASON(folder, readonly=True) as db:  # a finished form leaves no state behind
+                self.assertEqual(len(await db.user_ids()), USERS)
+                for user in range(1, USERS + 1):
+                    self.assertEqual(await db.load_user_data(user), {})
+
+
+@NEEDS_PTB
+class PTBConversationTest(FormScenario, unittest.IsolatedAsyncioTestCase):
+    async def test_1000_users_finish_the_conversation_across_a_restart(self) -> None:
+        import ptb_conversation_bot
+
+        ids = itertools.count(1)
+        with tempfile.TemporaryDirectory() as folder, mock.patch.dict(os.environ, {"JASON_PTB_FOLDER": folder}):
+            self.sent = []
+            for steps in (range(STEPS_BEFORE_RESTART), range(STEPS_BEFORE_RESTART, 4)):
+                builder, sent = ptb_recording_builder()
+                application = ptb_conversation_bot.build_application(builder)
+
+                async def deliver(updates: list[tuple[int, str]], application: Any = application) -> None:
+                    await asyncio.gather(*(application.process_update(ptb_update(application, next(ids), user, text))
+                                           for user, text in updates))
+
+                self.deliver = deliver  # type: ignore[method-assign]
+                await application.initialize()
+                await application.start()  # starts the persistence's update loop, as run_polling does
+                try:
+                    await self.deliver_steps(steps)
+                    await deliver([(user, "/count") for user in range(1, 101)])
+                finally:
+                    await application.stop()  # hands everything to the persistence and flushes it
+                    await application.shutdown()
+                    await application.post_shutdown(application)  # as run_polling does: closes the JASON
+                self.sent += [(chat, text) for chat, text in sent if not text.startswith("You: ")]
+                if steps.start == 0:
+                    async with JASON(folder, readonly=True) as db:
+                        conversations = await db.load_user_data("conversations_signup")
+                        self.assertEqual(conversations, {f"[{user}, {user}]": ptb_conversation_bot.CITY
+                                                         for user in range(1, USERS + 1)})
+                        self.assertEqual(await db.load_user_data("user_7"), {"name": "User7", "age": age_of(7),
+                                                                             "messages": 1})
+            self.check_replies()
+            async with JASON(folder, readonly=True) as db:
+                self.assertEqual(await db.load_user_data("conversations_signup"), {})  # every conversation ended
+                self.assertEqual(await db.load_user_data("bot_data"), {"signed_up": USERS, "messages": 200})
+                self.assertEqual(await db.load_user_data("chat_5"), {"messages": 2})
+                self.assertEqual(await db.load_user_data("user_5"), {
+                    "name": "User5", "age": age_of(5), "city": "City5", "messages": 2})
+                self.assertEqual(await db.load_user_data(f"user_{USERS}"), {
+                    "name": f"User{USERS}", "age": age_of(USERS), "city": f"City{USERS}"})
+
+    async def test_a_value_json_cannot_hold_reaches_the_error_handler_and_stops_the_flush(self) -> None:
+        from telegram.ext import CommandHandler
+
+        errors: list[BaseException] = []
+
+        async def remember_when(update: Any, context: Any) -> None:
+            context.user_data["when"] = datetime.now(timezone.utc)  # not JSON
+
+        async def error_handler(update: Any, context: Any) -> None:
+            errors.append(context.error)
+
+        with tempfile.TemporaryDirectory() as folder:
+            builder, _ = ptb_recording_builder()
+            persistence = jason.PTBPersistence(JASON(folder))
+            application = builder.persistence(persistence).build()
+            application.add_handler(CommandHandler("when", remember_when))
+            application.add_error_handler(error_handler)
+            await application.initialize()
+            await application.start()
+            await application.process_update(ptb_update(application, 1, 5, "/when"))
+            await application.stop()
+            with self.assertRaisesRegex(JasonError, r"could not save 1 record.*user_5: TypeError: cannot store "
+                                                    r"user_data\[5\]\['when'\]: datetime is not JSON"):
+                await application.shutdown()  # its last update_persistence() and flush()
+            self.assertEqual([str(error) for error in errors],
+                             ["cannot store user_data[5]['when']: datetime is not JSON; use dict, list, str, int, "
+                              "float, bool or None"])
+            self.assertFalse(await persistence.db.user_exists("user_5"))
+            await persistence.db.close()
 
 
 class ReadmeSnippetsTest(unittest.TestCase):
