@@ -9,16 +9,21 @@ network traffic happens at all.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import itertools
 import json
 import os
+import random
 import re
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 import unittest
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable, ClassVar
 from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -411,6 +416,182 @@ class PTBConversationTest(FormScenario, unittest.IsolatedAsyncioTestCase):
                              ["cannot store user_data[5]['when']: datetime is not JSON; use dict, list, str, int, "
                               "float, bool or None"])
             self.assertFalse(await persistence.db.user_exists("user_5"))
+            await persistence.db.close()
+
+
+# ---------------------------------------------------------------- SIGKILL in the middle of the form
+
+KILL_USERS = 500
+KILL_BATCH = 50
+FORM_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import test_examples
+test_examples.run_form_until_killed(*sys.argv[2:])
+"""
+
+
+def run_form_until_killed(framework: str, folder: str, progress_path: str) -> None:
+    """The kill tests' child: every user through the form, a batch at a time; progress_path gets "step first_user"
+    after each batch, then the child waits to be killed."""
+    with open(progress_path, "a", buffering=1, encoding="utf-8") as progress:
+        asyncio.run(drive_form(framework, folder, progress))
+
+
+async def drive_form(framework: str, folder: str, progress: Any) -> None:
+    ids = itertools.count(1)
+    if framework == "aiogram":
+        os.environ["JASON_FSM_FOLDER"] = folder
+        import aiogram_form_bot
+
+        bot, _ = aiogram_recording_bot()
+        dispatcher = aiogram_form_bot.build_dispatcher()
+        await dispatcher.emit_startup(dispatcher=dispatcher, bot=bot, bots=[bot])
+
+        async def deliver(updates: list[tuple[int, str]]) -> None:
+            await asyncio.gather(*(dispatcher.feed_update(bot, aiogram_update(next(ids), user, text))
+                                   for user, text in updates))
+    else:
+        os.environ["JASON_PTB_FOLDER"] = folder
+        import ptb_conversation_bot
+
+        builder, _ = ptb_recording_builder()
+        application = ptb_conversation_bot.build_application(builder, update_interval=0.05)
+        await application.initialize()
+        await application.start()
+
+        async def deliver(updates: list[tuple[int, str]]) -> None:
+            await asyncio.gather(*(application.process_update(ptb_update(application, next(ids), user, text))
+                                   for user, text in updates))
+
+    for step in range(4):
+        for first in range(1, KILL_USERS + 1, KILL_BATCH):
+            users = range(first, first + KILL_BATCH)
+            for position in range(2):  # the age step sends a word first for one user in seven
+                await deliver([(user, form_steps(user)[step][position])
+                               for user in users if position < len(form_steps(user)[step])])
+            progress.write(f"{step} {first}\n")
+    await asyncio.Event().wait()
+
+
+def reachable(user: int, progress: list[tuple[int, int]], after_step: dict[int, int]) -> range:
+    """The ranks a user's state may have after a kill: from what the finished batches reached to what the
+    batch in flight could reach. after_step maps the last finished step (-1: none) to its rank."""
+    finished = max((step for step, first in progress if first <= user < first + KILL_BATCH), default=-1)
+    last_step, last_first = progress[-1]
+    next_step, next_first = (last_step, last_first + KILL_BATCH) if last_first + KILL_BATCH <= KILL_USERS \
+        else (last_step + 1, 1)
+    in_flight = next_first <= user < next_first + KILL_BATCH and next_step <= 3
+    return range(after_step[finished], after_step[finished + 1 if in_flight else finished] + 1)
+
+
+def read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as file:
+        return file.read().splitlines()
+
+
+class FormKillMixin:
+    """SIGKILL a bot in the middle of the form, at a different batch each round."""
+
+    framework: str
+
+    def kill_in_the_middle(self, folder: str, ready: Callable[[], bool] = lambda: True) -> list[tuple[int, int]]:
+        """Run the child until a random batch has finished, kill it, and return the batches it finished."""
+        progress_path = os.path.join(os.path.dirname(folder), "progress")
+        stop_after = random.randrange(2, 4 * KILL_USERS // KILL_BATCH - 2)
+        child = subprocess.Popen([sys.executable, "-c", FORM_CHILD, HERE, self.framework, folder, progress_path])
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                lines = read_lines(progress_path) if os.path.exists(progress_path) else []
+                if len(lines) >= stop_after and ready():
+                    break
+                if child.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"the child stopped or stalled after {len(lines)} batches")
+                time.sleep(0.002)
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait()
+        lines = read_lines(progress_path)  # the batches finished before the kill
+        os.remove(progress_path)
+        return [(int(step), int(first)) for step, first in (line.split() for line in lines)]
+
+
+@NEEDS_AIOGRAM
+class AiogramKillTest(FormKillMixin, unittest.TestCase):
+    framework = "aiogram"
+    # The records a user passes through, in order; each step writes some of them.
+    RANKS = ("not started", ("Form:name", ()), ("Form:name", ("name",)), ("Form:age", ("name",)),
+             ("Form:age", ("name", "age")), ("Form:city", ("name", "age")), ("Form:city", ("name", "age", "city")),
+             (None, ("name", "age", "city")), "finished")
+    AFTER_STEP: ClassVar[dict[int, int]] = {-1: 0, 0: 1, 1: 3, 2: 5, 3: 8}
+
+    def test_every_record_is_whole_and_every_user_at_a_state_they_reached(self) -> None:
+        for round_number in range(3):
+            with tempfile.TemporaryDirectory() as work, self.subTest(round=round_number):
+                folder = os.path.join(work, "fsm")
+                progress = self.kill_in_the_middle(folder)
+                records = asyncio.run(self.read_records(folder))
+                for user in range(1, KILL_USERS + 1):
+                    record = records.get(str(user), {})
+                    self.assertTrue(self.ranks(user, record) & set(reachable(user, progress, self.AFTER_STEP)),
+                                    f"user {user}, killed after batch {progress[-1]}: {record}")
+
+    @staticmethod
+    async def read_records(folder: str) -> dict[str, dict[str, Any]]:
+        async with JASON(folder, readonly=True) as db:  # a torn record would raise CorruptDataError here
+            return {user: await db.load_user_data(user) for user in await db.user_ids()}
+
+    def ranks(self, user: int, record: dict[str, Any]) -> set[int]:
+        """The record's place in RANKS ("not started" and "finished" look alike: an empty record)."""
+        if not record:
+            return {0, len(self.RANKS) - 1}
+        self.assertEqual(list(record), [f"bot {BOT_ID} chat {user}"])
+        entry = record[f"bot {BOT_ID} chat {user}"]
+        values = {"name": f"User{user}", "age": age_of(user), "city": f"City{user}"}
+        for rank, expected in enumerate(self.RANKS):
+            if isinstance(expected, tuple) and entry == {"state": expected[0],
+                                                        "data": {field: values[field] for field in expected[1]}}:
+                return {rank}
+        raise AssertionError(f"user {user} has a record no step writes: {record}")
+
+
+@NEEDS_PTB
+class PTBKillTest(FormKillMixin, unittest.TestCase):
+    framework = "ptb"
+    AFTER_STEP: ClassVar[dict[int, int]] = {-1: 0, 0: 1, 1: 2, 2: 3, 3: 4}  # ranks: not started, NAME, AGE, CITY, ended
+
+    def test_every_record_is_whole_and_every_user_at_a_state_they_reached(self) -> None:
+        import ptb_conversation_bot as bot
+
+        rank_of_state = {bot.NAME: 1, bot.AGE: 2, bot.CITY: 3}
+        for round_number in range(3):
+            with tempfile.TemporaryDirectory() as work, self.subTest(round=round_number):
+                folder = os.path.join(work, "ptb")
+                # Killed once the persistence has saved conversations at least once (every 0.05 s here).
+                saved_once = functools.partial(os.path.exists, os.path.join(folder, "conversations_signup.json"))
+                progress = self.kill_in_the_middle(folder, ready=saved_once)
+                conversations, user_data = asyncio.run(self.restore(folder))
+                self.assertTrue(conversations)
+                for user in range(1, KILL_USERS + 1):
+                    # The persistence saves what changed every update_interval, so a user may be behind
+                    # the last batch, but never ahead of what was sent, and never at a state not reached.
+                    latest = reachable(user, progress, self.AFTER_STEP).stop - 1
+                    state = conversations.get((user, user))
+                    ranks = {0, 4} if state is None else {rank_of_state[state]}
+                    self.assertTrue(min(ranks) <= latest, f"user {user} at {state}, beyond batch {progress[-1]}")
+                    values = {"name": f"User{user}", "age": age_of(user), "city": f"City{user}"}
+                    data = user_data.get(user, {})
+                    self.assertEqual(data, {field: values[field] for field in data})
+
+    @staticmethod
+    async def restore(folder: str) -> tuple[dict[tuple[Any, ...], object], dict[int, Any]]:
+        """What a restarted bot gets: every record readable, through the persistence itself."""
+        persistence = jason.PTBPersistence(JASON(folder))
+        try:
+            return await persistence.get_conversations("signup"), await persistence.get_user_data()
+        finally:
             await persistence.db.close()
 
 
