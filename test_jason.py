@@ -3499,13 +3499,21 @@ class SuiteTest(unittest.TestCase):
         self.assertEqual(jason.HAVE_ORJSON, here == "importable")
 
     def test_every_test_the_readme_cites_exists(self) -> None:
+        """In test_jason.py, or (the framework tests) in examples/test_examples.py."""
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
             readme = file.read()
         cited = set(re.findall(r"`([A-Z]\w+Test)(?:\.(test_\w+))?`", readme))
         self.assertGreater(len(cited), 40)
+        import importlib.util
+
+        examples_path = os.path.join(HERE, "examples", "test_examples.py")
+        spec = importlib.util.spec_from_file_location("test_examples", examples_path)
+        assert spec is not None and spec.loader is not None
+        examples = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(examples)
         for class_name, method in sorted(cited):
             with self.subTest(test=f"{class_name}.{method}"):
-                test_class = globals().get(class_name)
+                test_class = globals().get(class_name, getattr(examples, class_name, None))
                 self.assertIsNotNone(test_class, f"the README cites {class_name}, which does not exist")
                 if method:
                     self.assertTrue(hasattr(test_class, method), f"the README cites {class_name}.{method}")

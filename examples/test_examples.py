@@ -599,15 +599,19 @@ class ReadmeSnippetsTest(unittest.TestCase):
     def test_the_readme_snippets_are_the_examples_code(self) -> None:
         with open(os.path.join(HERE, "..", "README.md"), encoding="utf-8") as file:
             readme = file.read()
-        section = readme[readme.index("## Use with your bot framework"):]
-        section = section[:section.index("\n## ", 1)]
-        snippets = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
-        self.assertEqual(len(snippets), 2)
-        for snippet, example in zip(snippets, ("aiogram_bot.py", "ptb_bot.py")):
-            with open(os.path.join(HERE, example), encoding="utf-8") as file:
-                code = file.read()
-            for block in snippet.split("\n\n\n"):
-                self.assertIn(block.strip("\n"), code, f"the README's {example} snippet drifted from the example")
+        for heading, examples in [
+            ("## Use with your bot framework", ("aiogram_bot.py", "ptb_bot.py")),
+            ("## Your framework's own state", ("aiogram_form_bot.py", "ptb_conversation_bot.py")),
+        ]:
+            section = readme[readme.index(heading):]
+            section = section[:section.index("\n## ", 1)]
+            snippets = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+            self.assertEqual(len(snippets), 2)
+            for snippet, example in zip(snippets, examples):
+                with open(os.path.join(HERE, example), encoding="utf-8") as file:
+                    code = file.read()
+                for block in snippet.split("\n\n\n"):
+                    self.assertIn(block.strip("\n"), code, f"the README's {example} snippet drifted from the example")
 
 
 if __name__ == "__main__":
