@@ -26,6 +26,11 @@ When the bot outgrows one machine, give a URL instead of the folder:
 JASON("postgresql://...") or JASON("redis://...") keeps the same records, with
 the same API and checks, on a server that many processes share (asyncpg or
 redis-py, imported only then); `python jason.py FOLDER copy URL` moves them.
+
+A bot framework's own state can live in a JASON of its own too:
+jason.AiogramStorage(db) is aiogram 3's FSM storage and
+jason.PTBPersistence(db) python-telegram-bot's persistence; each imports its
+framework on first use.
 """
 
 from __future__ import annotations
