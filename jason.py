@@ -63,10 +63,18 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable, Final, Literal, NoReturn, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Final, Generic, Literal, NoReturn, Protocol, TypeVar, cast
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
+
+    from typing_extensions import TypeVar as TypeVarWithDefault
+
+    # The type of a record: a TypedDict for JASON[UserRecord], dict[str, Any] when not given
+    # (a type parameter default, PEP 696; type checkers read it from typing_extensions).
+    Record = TypeVarWithDefault("Record", bound=Mapping[str, object], default=dict[str, Any])
+else:
+    Record = TypeVar("Record")
 
 # ---------------------------------------------------------------- optional back-ends
 
@@ -106,6 +114,12 @@ MIN_INT: Final = -(2**63)
 MAX_INT: Final = 2**64 - 1
 # 10,000 users of ~1 KB take about 10 MB: the whole user base of a typical bot.
 DEFAULT_CACHE_SIZE: Final = 10_000
+# Where a record's version lives when the database declares migrations: a key
+# of the record itself, so the file stays plain JSON. JASON reserves it: loads
+# take it out, saves put it in, and data that holds it is refused.
+VERSION_KEY: Final = "$version"
+# How many records users() reads at once.
+USERS_CONCURRENCY: Final = 32
 # Blocking I/O runs in a pool of its own. A durable save spends most of its
 # time waiting in fsync, and the file system commits concurrent fsyncs
 # together, so more waiting threads mean more saves a second: with 100
@@ -1720,12 +1734,16 @@ def _open_store(location: str | os.PathLike[str], *, namespace: str, durable: bo
 # ---------------------------------------------------------------- the database
 
 
-class JASON:
+class JASON(Generic[Record]):
     """Per-user JSON records, loaded and saved through asyncio.
 
     Every method is a coroutine. Operations on one user run one at a time;
     different users run in parallel. Use as ``async with JASON(...) as db:``
     or call ``await db.close()`` when done.
+
+    Typed records: ``db: JASON[UserRecord] = JASON(...)`` with a TypedDict
+    makes loads and edits give UserRecord to a type checker (nothing is
+    checked at run time); without it a record is dict[str, Any].
     """
 
     def __init__(
@@ -1739,6 +1757,7 @@ class JASON:
         readonly: bool = False,
         on_corrupt: Literal["raise", "quarantine"] = "raise",
         namespace: str = DEFAULT_NAMESPACE,
+        migrations: Sequence[Callable[[dict[str, Any]], dict[str, Any] | None]] = (),
     ) -> None:
         """Open (and, unless readonly, create) db_folder: a folder path, or a server URL.
 
@@ -1753,6 +1772,15 @@ class JASON:
         aside (see QUARANTINE_MARK), logs a warning on the "jason" logger and
         starts the user from the default structure; a readonly instance still
         raises, since it never writes.
+
+        migrations brings old records up to date: migrations[n] takes a
+        record of version n (a dict, without its version) and returns it at
+        version n + 1 (or changes it in place and returns None). The version
+        is len(migrations), stored in each saved record as "$version"
+        (VERSION_KEY); a record without one is version 0. A load runs the
+        migrations a record needs, and the next save stores the result. Only
+        ever append to migrations: a record is never downgraded, and one of a
+        newer version raises JasonError.
 
         Raises TypeError or ValueError for a default structure that cannot be
         stored, FileNotFoundError for a missing folder in readonly mode, and
@@ -1773,6 +1801,10 @@ class JASON:
         self._pretty = pretty
         self._readonly = readonly
         self._quarantine = on_corrupt == "quarantine" and not readonly
+        self._migrations = tuple(migrations)
+        for step, migration in enumerate(self._migrations):
+            if not callable(migration):
+                raise TypeError(f"migrations[{step}] must be a function, not {type(migration).__name__}")
         self._store: _Store = _open_store(db_folder, namespace=namespace, durable=durable, readonly=readonly)
         self._locks: _UserLocks = self._store.locks
         self._cache = _RecordCache(cache_size if self._store.caches else 0)
@@ -1782,7 +1814,7 @@ class JASON:
         mode = "readonly" if self._readonly else "closed" if self._store.closed else "open"
         return f"<JASON {self._store.location!r} {mode}>"
 
-    async def __aenter__(self) -> JASON:
+    async def __aenter__(self) -> JASON[Record]:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -1811,19 +1843,22 @@ class JASON:
         self._cache.clear()
         await self._store.close()
 
-    async def load_user_data(self, user_id: int | str) -> dict[str, Any]:
-        """The user's data, with missing default keys filled in (recursively).
+    async def load_user_data(self, user_id: int | str) -> Record:
+        """The user's data, migrated to the current version, with missing default keys filled in (recursively).
 
         An unknown user gets a copy of the default structure; nothing is
         written. Each call returns a new, fully independent copy, of what is
         stored: inside edit_user_data, a load of the user being edited returns
         the record as it was before the edit. Raises CorruptDataError when the
-        stored file is not a JSON object.
+        stored file is not a JSON object, and JasonError when a migration
+        raises or the record is newer than the migrations.
         """
-        key = self._key(user_id)
+        return cast("Record", await self._load(self._key(user_id)))
+
+    async def _load(self, key: str) -> dict[str, Any]:
         cached = self._cache.get(key)
         if cached is not _NOT_CACHED:
-            return self._decode(cached)  # type: ignore[arg-type]
+            return self._decode(key, cached)  # type: ignore[arg-type]
         if not self._store.caches and not self._quarantine:
             # The user's lock keeps a cache coherent; with none to keep (a server, a
             # readonly folder), a load is one read of what is stored.
@@ -1838,7 +1873,7 @@ class JASON:
         async with self._locks.hold(key):
             return await self._load_locked(key, self._store)
 
-    async def save_user_data(self, user_id: int | str, data: Mapping[str, Any]) -> None:
+    async def save_user_data(self, user_id: int | str, data: Record) -> None:
         """Store data as the user's whole record, atomically (durably, unless durable=False).
 
         data is checked and serialised before anything is touched: TypeError or
@@ -1852,14 +1887,20 @@ class JASON:
         _file_name(key)  # every backend takes the ids a folder can name, so records can move between them
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a dict, not {type(data).__name__}")
-        if not isinstance(data, dict):
-            data = dict(data)
-        compact, stored = _encode_record(data, self._pretty)
+        compact, stored = self._encode(data)
         async with self._hold(key, "save_user_data"):
             await self._write_locked(key, compact, stored, "save_user_data", self._store)
 
+    async def _save_exactly(self, key: str, data: Mapping[str, Any], operation: str) -> None:
+        """Store data as it is, "$version" and all: how the command line puts back what it read."""
+        self._store.check_writable(operation)
+        _file_name(key)
+        compact, stored = _encode_record(data, self._pretty)
+        async with self._hold(key, operation):
+            await self._write_locked(key, compact, stored, operation, self._store)
+
     @contextlib.asynccontextmanager
-    async def edit_user_data(self, user_id: int | str) -> AsyncIterator[dict[str, Any]]:
+    async def edit_user_data(self, user_id: int | str) -> AsyncIterator[Record]:
         """Read-modify-write under the user's lock: saved on clean exit, dropped on exception.
 
         ``async with db.edit_user_data(uid) as data: data["n"] += 1``
@@ -1872,8 +1913,8 @@ class JASON:
         self._store.check_writable("edit_user_data")
         async with self._hold(key, "edit_user_data"), self._store.transaction(key) as records:
             data = await self._load_locked(key, records)
-            yield data
-            compact, stored = _encode_record(data, self._pretty)
+            yield cast("Record", data)
+            compact, stored = self._encode(data)
             await self._write_locked(key, compact, stored, "edit_user_data", records)
 
     async def delete_user_data(self, user_id: int | str) -> bool:
@@ -1902,6 +1943,45 @@ class JASON:
         """Every stored user's id as a str, sorted; never a temp, lock or stray file."""
         self._enter()
         return await self._store.keys()
+
+    async def users(self, concurrency: int = USERS_CONCURRENCY) -> AsyncIterator[tuple[str, Record]]:
+        """Every stored user once, as (id, data), in id order: ``async for uid, data in db.users():``.
+
+        Each data is what load_user_data would return (a fresh copy, migrated,
+        with defaults). Records are read `concurrency` at a time and never
+        cached, so memory stays flat however many users there are, and no
+        user's lock is held between reads: the bot's saves during the loop go
+        on, and each user is seen as it was when read. The ids are listed
+        when the loop starts: a user added later is not visited, one deleted
+        before its turn is skipped. A corrupt record raises CorruptDataError
+        (ending the loop) or, with on_corrupt="quarantine", is moved aside and
+        visited with the defaults, as a load would.
+        """
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+            raise ValueError(f"concurrency must be a positive int, not {concurrency!r}")
+        keys = await self.user_ids()
+        for start in range(0, len(keys), concurrency):
+            batch = keys[start:start + concurrency]
+            for key, data in zip(batch, await asyncio.gather(*(self._visit(key) for key in batch))):
+                if data is not None:
+                    yield key, cast("Record", data)
+
+    async def _visit(self, key: str) -> dict[str, Any] | None:
+        """users()' read of one user: the cached copy, or the stored record, cached by nobody; None if gone."""
+        self._enter()
+        cached = self._cache.get(key)
+        if cached is not _NOT_CACHED:
+            return None if cached is None else self._decode(key, cached)  # type: ignore[arg-type]
+        raw = await self._store.read(key)
+        if raw is None:
+            return None
+        try:
+            data = _parse_record(raw, self._where(key))
+        except CorruptDataError:
+            if not self._quarantine:
+                raise
+            return await self._load(key)  # under the user's lock: moved aside, and the defaults
+        return self._current(key, data)
 
     # -------------------------------------------------- private helpers
 
@@ -1933,12 +2013,49 @@ class JASON:
             ) from None
         return self._locks.hold(key)
 
-    def _decode(self, raw: bytes | None) -> dict[str, Any]:
+    def _decode(self, key: str, raw: bytes | None) -> dict[str, Any]:
         if raw is None:
             return _loads(self._default_bytes)  # type: ignore[no-any-return]
-        data: dict[str, Any] = _loads(raw)
+        return self._current(key, _loads(raw))
+
+    def _current(self, key: str, data: dict[str, Any]) -> dict[str, Any]:
+        """A stored record as a load returns it: without its version, migrated, with the defaults."""
+        version = data.pop(VERSION_KEY, 0)
+        if version != len(self._migrations):
+            data = self._migrate(key, data, version)
         _merge_defaults(data, self._defaults)
         return data
+
+    def _migrate(self, key: str, data: dict[str, Any], version: object) -> dict[str, Any]:
+        latest = len(self._migrations)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise CorruptDataError(self._where(key), f"its {VERSION_KEY} is {version!r}, not a version number")
+        if version > latest:
+            raise JasonError(f"the record of user {key!r} is at version {version}, newer than this code, which "
+                             f"knows {latest} migration(s); run the code that wrote it (records are never "
+                             "downgraded)")
+        for step in range(version, latest):
+            try:
+                migrated = self._migrations[step](data)
+            except Exception as exc:
+                raise JasonError(f"migrations[{step}] (version {step} to {step + 1}) raised on user {key!r}: "
+                                 f"{type(exc).__name__}: {exc}; the stored record is unchanged") from exc
+            data = data if migrated is None else migrated
+            if not isinstance(data, dict):
+                raise JasonError(f"migrations[{step}] returned {type(data).__name__} for user {key!r}, not a "
+                                 "dict (return the record, or None after changing it in place)")
+        return data
+
+    def _encode(self, data: Mapping[str, Any]) -> tuple[bytes, bytes]:
+        """data as a save stores it: checked, with the version when there are migrations."""
+        if not isinstance(data, dict):
+            data = dict(data)
+        if VERSION_KEY in data:
+            raise ValueError(f"{VERSION_KEY!r} is the key JASON keeps a record's version in; "
+                             "give that value another name")
+        if self._migrations:
+            data = {VERSION_KEY: len(self._migrations), **data}
+        return _encode_record(data, self._pretty)
 
     async def _load_locked(self, key: str, records: Any) -> dict[str, Any]:
         """Like load_user_data; the caller holds the user's lock, so the cache cannot go stale.
@@ -1947,7 +2064,7 @@ class JASON:
         """
         cached = self._cache.get(key)
         if cached is not _NOT_CACHED:
-            return self._decode(cached)  # type: ignore[arg-type]
+            return self._decode(key, cached)  # type: ignore[arg-type]
         _file_name(key)  # an id too long for any record fails before anything is read
         try:
             raw = await records.read(key)
@@ -1961,19 +2078,17 @@ class JASON:
             data = None
         if data is None:
             self._cache.put(key, None)
-            return self._decode(None)
+            return self._decode(key, None)
+        current = self._current(key, data)  # a migration that raises leaves nothing cached
         self._cache.put(key, raw)  # the bytes as read: parsing them gives the same data
-        _merge_defaults(data, self._defaults)
-        return data
+        return current
 
     async def _read_unlocked(self, key: str) -> dict[str, Any]:
         """The stored record, read without the user's lock: nothing is cached or quarantined."""
         raw = await self._store.read(key)
         if raw is None:
-            return self._decode(None)
-        data = _parse_record(raw, self._where(key))
-        _merge_defaults(data, self._defaults)
-        return data
+            return self._decode(key, None)
+        return self._current(key, _parse_record(raw, self._where(key)))
 
     async def _write_locked(self, key: str, compact: bytes, stored: bytes, operation: str, records: Any) -> None:
         try:
@@ -2190,7 +2305,7 @@ class _PTBPersistence:
             digest = self._digest(compact)
             if self._stored.get(record_id) != digest:
                 self._stored.pop(record_id, None)  # unknown until the save returns
-                await self.db.save_user_data(record_id, data)
+                await self.db.save_user_data(record_id, cast("dict[str, Any]", data))
                 self._stored[record_id] = digest
         except Exception as exc:
             self._unsaved[record_id] = f"{type(exc).__name__}: {exc}"
@@ -2410,21 +2525,21 @@ class _UsageError(Exception):
     """A mistake in the command's words: usage, the error and a hint on stderr, exit status 2."""
 
 
-_COMMANDS: Final = ("ls", "get", "set", "rm", "check", "export", "import", "copy", "stats", "upgrade")
+_COMMANDS: Final = ("ls", "get", "set", "rm", "check", "export", "import", "copy", "stats", "migrate", "upgrade")
 _READ_ONLY_COMMANDS: Final = "ls, get, check, export and stats"
 # Users saved at once by import: enough for their fsyncs to overlap.
 _IMPORT_CONCURRENCY: Final = 64
 
 
 def _open_location(location: str, *, write: bool = False, create: bool = False, durable: bool = True,
-                   namespace: str = DEFAULT_NAMESPACE) -> JASON:
+                   namespace: str = DEFAULT_NAMESPACE, migrations: Sequence[Any] = ()) -> JASON:
     """Open a folder or server URL for a command; a missing folder is an error unless create is set."""
     if _server_kind(location) is None:
         if not create and not os.path.isdir(os.path.expanduser(location)):
             raise _CommandError(f"no JASON folder at {location}")
         namespace = DEFAULT_NAMESPACE  # a folder is its own namespace
     try:
-        return JASON(location, readonly=not write, durable=durable, namespace=namespace)
+        return JASON(location, readonly=not write, durable=durable, namespace=namespace, migrations=migrations)
     except DatabaseLockedError as exc:  # the library's advice (readonly=True) means nothing here
         raise _CommandError(
             f"{exc.folder} is open for writing by {exc.holder}; stop it first "
@@ -2496,7 +2611,7 @@ async def _cmd_set(args: Any) -> int:
     if not isinstance(data, dict):
         raise _CommandError(f"stdin holds a JSON {type(data).__name__}; a record must be a JSON object")
     async with _open_location(args.location, write=True, durable=not args.fast, namespace=args.namespace) as db:
-        await db.save_user_data(key, data)
+        await db._save_exactly(key, data, "set")
     return 0
 
 
@@ -2858,7 +2973,7 @@ class _ImportRun:
                 if self.failure is not None:
                     return
                 try:
-                    await self.db.save_user_data(key, data)
+                    await self.db._save_exactly(key, data, "import")
                 except Exception as exc:  # reported once, by the command, with how far it got
                     if self.failure is None:
                         self.failure = (key, exc)
@@ -2930,6 +3045,67 @@ async def _cmd_copy(args: Any) -> int:
     already = f", {same} already there" if same else ""
     run.progress.finish(run.saved, f"to {target.location}{already}; all {verified} verified against the source")
     return 0
+
+
+def _import_migrations(spec: str) -> tuple[Any, ...]:
+    """The migrations named "module:attribute", imported with the current folder on the path."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise _UsageError(f"--migrations takes MODULE:NAME (for example bot.records:MIGRATIONS), not {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        migrations = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise _CommandError(f"cannot load the migrations {spec}: {exc}") from None
+    if isinstance(migrations, (str, bytes, Mapping)) or not all(callable(step) for step in migrations):
+        raise _CommandError(f"{spec} must be a list of functions, migrations[n] taking version n to n + 1")
+    return tuple(migrations)
+
+
+async def _cmd_migrate(args: Any) -> int:
+    migrations = _import_migrations(args.migrations)
+    latest = len(migrations)
+    async with _open_location(args.location, write=args.apply, durable=not args.fast, namespace=args.namespace,
+                              migrations=migrations) as db:
+        keys = await db.user_ids()
+        versions: dict[object, int] = {}
+        failures: list[str] = []
+        migrated = 0
+        progress = _Progress("migrated" if args.apply else "checked", len(keys))
+
+        async def migrate(key: str) -> None:
+            nonlocal migrated
+            try:
+                stored = await _stored_record(db, key)
+                if stored is None:
+                    return  # deleted since the listing
+                version = stored.get(VERSION_KEY, 0)
+                versions[version] = versions.get(version, 0) + 1
+                if version == latest:
+                    return
+                if args.apply:
+                    async with db.edit_user_data(key):  # the load migrates; the save stores the result
+                        pass
+                else:
+                    db._current(key, stored)
+                migrated += 1
+            except JasonError as exc:  # a migration raised, the record is newer, or it is corrupt
+                failures.append(f"user {_shown_id(key)}: {exc}")
+
+        for start in range(0, len(keys), 64):
+            await asyncio.gather(*(migrate(key) for key in keys[start:start + 64]))
+            progress.update(min(start + 64, len(keys)))
+    shown = ", ".join(f"{count} at version {version}" for version, count in
+                      sorted(versions.items(), key=lambda item: str(item[0])))
+    print(f"{sum(versions.values())} users: {shown or 'none'}; this code's version is {latest}")
+    for failure in failures:
+        print(f"failed: {failure}", file=sys.stderr)
+    if args.apply:
+        print(f"migrated {migrated} users to version {latest}; {len(failures)} failed and were left unchanged")
+    else:
+        print(f"would migrate {migrated} users; {len(failures)} would fail (dry run: nothing was written; "
+              "add --apply, with the bot stopped)")
+    return 1 if failures else 0
 
 
 def _folder_sizes_sync(folder: str) -> tuple[dict[str, int], int]:
@@ -3115,6 +3291,11 @@ def _build_parser() -> Any:
     copy.add_argument("--target-namespace", metavar="NAME",
                       help="on a server: TARGET's namespace (default: --namespace)")
     copy.set_defaults(handler=_cmd_copy)
+    migrate = commands.add_parser("migrate", help="bring every record to the current version of its migrations")
+    migrate.add_argument("--migrations", required=True, metavar="MODULE:NAME",
+                         help="the list of migration functions, e.g. bot.records:MIGRATIONS (imported from here)")
+    migrate.add_argument("--apply", action="store_true", help="do it (needs the bot stopped); without it, only show")
+    migrate.set_defaults(handler=_cmd_migrate)
     upgrade = commands.add_parser("upgrade", help="rename a jason-db 0.2.0 folder's files to this version's names")
     upgrade.add_argument("--apply", action="store_true", help="do it (needs the bot stopped); without it, only show")
     upgrade.set_defaults(handler=_cmd_upgrade)

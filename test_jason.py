@@ -637,7 +637,7 @@ class SaveTest(FolderMixin):
         self.assertIsNone(await self.stored_bytes(1))
 
     async def test_any_mapping_is_accepted(self) -> None:
-        await self.db.save_user_data(1, types.MappingProxyType({"a": 1}))
+        await self.db.save_user_data(1, types.MappingProxyType({"a": 1}))  # type: ignore[arg-type]  # any Mapping works at run time
         self.assertEqual((await self.db.load_user_data(1))["a"], 1)
 
     async def test_unstorable_data_leaves_file_and_cache_unchanged(self) -> None:
@@ -2162,8 +2162,322 @@ class AdapterImportTest(unittest.TestCase):
         self.assertIn("has no attribute 'NoSuchThing'", lines[2])
 
 
+# ---------------------------------------------------------------- every user in one loop
+
+
+class UsersTest(FolderMixin):
+    async def fill(self, count: int) -> dict[str, dict[str, Any]]:
+        records = {str(user): {"challenge_balance": user, "profile": {"tags": [str(user)]}} for user in range(count)}
+        for user, record in records.items():
+            await self.db.save_user_data(user, record)
+        return records
+
+    async def test_every_stored_user_once_as_a_load_returns_it(self) -> None:
+        records = await self.fill(150)
+        seen: dict[str, dict[str, Any]] = {}
+        async for user_id, data in self.db.users(concurrency=7):
+            self.assertNotIn(user_id, seen)
+            seen[user_id] = data
+            data["profile"]["tags"].append("changed by the loop")  # a fresh copy: nothing stored changes
+        self.assertEqual(list(seen), sorted(records))
+        for user_id, data in seen.items():
+            data["profile"]["tags"].pop()
+            self.assertEqual(data, await self.db.load_user_data(user_id))
+            self.assertEqual(data["active_challenge"], None)  # defaults merged
+        empty = self.open_db(namespace=next(SERVERS.namespaces)) if self.backend != "folder" else \
+            JASON(os.path.join(self._tmp.name, "empty"))
+        self.assertEqual([user async for user in empty.users()], [])
+        await empty.close()
+
+    async def test_saves_during_the_loop_are_not_blocked_and_not_lost(self) -> None:
+        await self.fill(100)
+        visited: dict[str, int] = {}
+        async for user_id, data in self.db.users(concurrency=10):
+            visited[user_id] = data["challenge_balance"]
+            if user_id == "20":  # mid-loop: a user already visited, one not yet, a new one, a deleted one
+                await asyncio.wait_for(self.db.save_user_data("0", {"challenge_balance": -1}), CHILD_TIMEOUT)
+                async with self.db.edit_user_data("90") as later:
+                    later["challenge_balance"] = -90
+                await self.db.save_user_data("new", {"challenge_balance": 1})
+                await self.db.delete_user_data("95")
+        self.assertEqual(visited["90"], -90)  # read after the save, in a later batch
+        self.assertEqual(visited["0"], 0)  # read before it
+        self.assertNotIn("new", visited)  # listed after the loop began
+        self.assertNotIn("95", visited)  # deleted before its turn
+        self.assertEqual(len(visited), 99)
+        self.assertEqual((await self.db.load_user_data("0"))["challenge_balance"], -1)
+        self.assertEqual((await self.db.load_user_data("new"))["challenge_balance"], 1)
+
+    async def test_concurrency_must_be_a_positive_int(self) -> None:
+        for bad in (0, -1, 1.5, True):
+            with self.subTest(concurrency=bad), self.assertRaises(ValueError):
+                async for _ in self.db.users(concurrency=bad):  # type: ignore[arg-type]
+                    pass
+
+    @folder_only
+    async def test_a_corrupt_record_ends_the_loop_or_is_quarantined(self) -> None:
+        await self.fill(5)
+        with open(self.path("3"), "wb") as file:
+            file.write(b"{torn")
+        seen = []
+        with self.assertRaises(CorruptDataError):
+            async for user_id, _ in self.open_db().users(concurrency=1):  # a new instance: nothing cached
+                seen.append(user_id)
+        self.assertEqual(seen, ["0", "1", "2"])
+        self.assertEqual(read_bytes(self.path("3")), b"{torn")
+        quarantining = self.open_db(on_corrupt="quarantine")
+        with self.assertLogs("jason", "WARNING"):
+            visited = {user_id: data async for user_id, data in quarantining.users()}
+        self.assertEqual(visited["3"], DEFAULT)
+        self.assertEqual(sorted(visited), ["0", "1", "2", "3", "4"])
+        self.assertFalse(os.path.exists(self.path("3")))
+
+    @folder_only
+    async def test_the_loop_leaves_the_cache_to_the_users_in_use(self) -> None:
+        await self.fill(300)
+        db = self.open_db(cache_size=10)
+        hot = [str(user) for user in range(10)]
+        for user in hot:
+            await db.load_user_data(user)
+        async for _ in db.users():
+            pass
+        self.assertEqual(await cached_users(db, iter(hot)), set(hot))
+
+    @folder_only
+    @slow
+    async def test_memory_stays_flat_however_many_users(self) -> None:
+        import tracemalloc
+
+        asyncio.get_running_loop().set_debug(False)  # debug mode keeps a traceback per task, which would count
+        fast = self.open_db(durable=False, cache_size=0)
+        for start in range(0, 5_000, 100):
+            await asyncio.gather(*(fast.save_user_data(user, {"pad": "x" * 1000, "n": user})
+                                   for user in range(start, start + 100)))
+        db = self.open_db()
+        tracemalloc.start()
+        try:
+            visited = [user_id async for user_id, _ in db.users()]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(len(visited), 5_000)
+        # The ids (about 60 bytes each) and one batch of records; holding all 5,000 would take over 6 MB.
+        self.assertLess(peak, 2_000_000)
+
+
+# ---------------------------------------------------------------- records that evolve
+
+
+def rename_score(record: dict[str, Any]) -> None:  # version 0 -> 1: "score" is now "points"
+    record["points"] = record.pop("score", 0)
+
+
+def split_tags(record: dict[str, Any]) -> dict[str, Any]:  # 1 -> 2: "a,b" becomes ["a", "b"]
+    return {**record, "tags": record["tags"].split(",") if record["tags"] else []}
+
+
+def add_level(record: dict[str, Any]) -> None:  # 2 -> 3: a level from the points; "legacy" is dropped
+    record.pop("legacy", None)
+    record["level"] = record["points"] // 10
+
+
+MIGRATIONS = [rename_score, split_tags, add_level]
+
+
+def migrated(record: dict[str, Any]) -> dict[str, Any]:
+    """What the three migrations make of a version-0 record."""
+    result = {key: value for key, value in record.items() if key not in ("score", "legacy", "tags")}
+    result.update(points=record["score"], tags=record["tags"].split(",") if record["tags"] else [])
+    result["level"] = record["score"] // 10
+    return result
+
+
+class MigrationTest(FolderMixin):
+    OLD: ClassVar[dict[str, Any]] = {"name": "Ann", "score": 42, "tags": "a,b", "legacy": True}
+
+    async def test_three_migrations_across_restarts(self) -> None:
+        first = self.open_db(default_structure=None)
+        await first.save_user_data(1, self.OLD)
+        self.assertNotIn(b"$version", await self.stored_bytes(1) or b"")  # no migrations: records as before
+        await first.close()
+
+        one = self.open_db(default_structure=None, migrations=MIGRATIONS[:1])
+        self.assertEqual(await one.load_user_data(1), {"name": "Ann", "points": 42, "tags": "a,b", "legacy": True})
+        async with one.edit_user_data(1) as data:
+            data["name"] = "Anna"
+        self.assertEqual(json.loads(await self.stored_bytes(1) or b""),
+                         {"$version": 1, "name": "Anna", "points": 42, "tags": "a,b", "legacy": True})
+        await one.close()
+
+        three = self.open_db(default_structure={"level": 0, "tags": []}, migrations=MIGRATIONS)
+        expected = {"name": "Anna", "points": 42, "tags": ["a", "b"], "level": 4}
+        self.assertEqual(await three.load_user_data(1), expected)
+        self.assertEqual(json.loads(await self.stored_bytes(1) or b"")["$version"], 1)  # a load writes nothing
+        self.assertEqual([item async for item in three.users()], [("1", expected)])
+        await three.save_user_data(1, await three.load_user_data(1))
+        self.assertEqual(json.loads(await self.stored_bytes(1) or b""), {"$version": 3, **expected})
+        self.assertEqual(await three.load_user_data(2), {"level": 0, "tags": []})  # a new user: the defaults
+
+    async def test_a_record_newer_than_the_code_is_refused_and_left_alone(self) -> None:
+        await self.open_db(default_structure=None, migrations=MIGRATIONS).save_user_data(1, {"points": 1})
+        stored = await self.stored_bytes(1)
+        for older in (self.open_db(default_structure=None, migrations=MIGRATIONS[:2]),
+                      self.open_db(default_structure=None)):
+            with self.assertRaisesRegex(JasonError, "at version 3, newer than this code, which knows"):
+                await older.load_user_data(1)
+            with self.assertRaisesRegex(JasonError, "newer than this code"):
+                async with older.edit_user_data(1):
+                    pass
+        self.assertEqual(await self.stored_bytes(1), stored)
+
+    async def test_a_migration_that_raises_leaves_the_record_and_the_cache_alone(self) -> None:
+        writer = self.open_db(default_structure=None)
+        await writer.save_user_data(1, {"score": 5, "tags": 7})  # tags is not a str: split_tags raises
+        await writer.close()
+        db = self.open_db(default_structure=None, migrations=MIGRATIONS)
+        stored = await self.stored_bytes(1)
+        for _ in range(2):  # the second time too: nothing half-migrated was cached
+            with self.assertRaisesRegex(JasonError, r"migrations\[1\] \(version 1 to 2\) raised on user '1': "
+                                                    "AttributeError"):
+                await db.load_user_data(1)
+        self.assertEqual(await self.stored_bytes(1), stored)
+
+    async def test_the_version_key_is_reserved_and_a_migration_must_give_a_dict(self) -> None:
+        db = self.open_db(default_structure=None, migrations=MIGRATIONS)
+        for plain in (db, self.open_db(default_structure=None)):
+            with self.assertRaisesRegex(ValueError, r"'\$version' is the key JASON keeps"):
+                await plain.save_user_data(1, {"$version": 9})
+            with self.assertRaisesRegex(ValueError, r"'\$version'"):
+                async with plain.edit_user_data(1) as data:
+                    data["$version"] = 2
+        self.assertIsNone(await self.stored_bytes(1))
+        await db.save_user_data(2, {"points": 1})
+        broken = self.open_db(default_structure=None, migrations=[*MIGRATIONS, lambda record: ["not", "a", "dict"]])
+        with self.assertRaisesRegex(JasonError, r"migrations\[3\] returned list for user '2', not a dict"):
+            await broken.load_user_data(2)
+        with self.assertRaisesRegex(TypeError, r"migrations\[0\] must be a function"):
+            self.open_db(migrations=["not callable"])
+
+
+# ---------------------------------------------------------------- the migrate command
+
+
+MIGRATIONS_MODULE = '''
+def rename_score(record):
+    record["points"] = record.pop("score", 0)
+
+def split_tags(record):
+    return {**record, "tags": record["tags"].split(",") if record["tags"] else []}
+
+def add_level(record):
+    record.pop("legacy", None)
+    record["level"] = record["points"] // 10
+
+MIGRATIONS = [rename_score, split_tags, add_level]
+'''
+
+
+def read_record_files(folder: str) -> dict[str, dict[str, Any]]:
+    """Every record as its file holds it, parsed: "$version" and all, whatever the version."""
+    records = {}
+    for name in jason_records(folder):
+        key = jason._user_key_from_file_name(name)
+        assert key is not None
+        records[key] = json.loads(read_bytes(os.path.join(folder, name)))
+    return records
+
+
+class MigrateCommandTest(unittest.TestCase):
+    """python jason.py FOLDER migrate --migrations MODULE:NAME [--apply], on 10,000 users (500 in make quick)."""
+
+    def setUp(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="jason-migrate-")
+        self.addCleanup(self._tmp.cleanup)
+        self.folder = os.path.join(self._tmp.name, "users")
+        with open(os.path.join(self._tmp.name, "records.py"), "w", encoding="utf-8") as file:
+            file.write(MIGRATIONS_MODULE)
+        self.failing = {str(user) for user in range(0, CLI_USERS, CLI_USERS // 5)}  # tags that are not a str
+        self.records: dict[str, dict[str, object]] = {
+            str(user): {"name": f"user {user}", "score": user, "tags": 7 if str(user) in self.failing else "a,b",
+                        "legacy": 1}
+            for user in range(CLI_USERS)
+        }
+        fill_folder(self.folder, self.records)
+
+    def migrate(self, *args: str) -> subprocess.CompletedProcess[str]:
+        code = "import sys, jason; sys.exit(jason.main(sys.argv[1:]))"
+        result = subprocess.run([sys.executable, "-c", code, "--fast", self.folder, "migrate",
+                                 "--migrations", "records:MIGRATIONS", *args], capture_output=True, text=True,
+                                cwd=self._tmp.name, env=child_env(), timeout=CHILD_TIMEOUT * 5, check=False)
+        self.assertNotIn("Traceback", result.stderr)
+        return result
+
+    def test_a_dry_run_changes_nothing_and_apply_migrates_all_but_the_failures(self) -> None:
+        before = {name: read_bytes(os.path.join(self.folder, name)) for name in jason_records(self.folder)}
+        dry = self.migrate()
+        self.assertEqual(dry.returncode, 1)
+        self.assertIn(f"{CLI_USERS} users: {CLI_USERS} at version 0; this code's version is 3", dry.stdout)
+        self.assertIn(f"would migrate {CLI_USERS - len(self.failing)} users; {len(self.failing)} would fail",
+                      dry.stdout)
+        self.assertEqual({name: read_bytes(os.path.join(self.folder, name))
+                          for name in jason_records(self.folder)}, before)
+
+        applied = self.migrate("--apply")
+        self.assertEqual(applied.returncode, 1)
+        self.assertIn(f"migrated {CLI_USERS - len(self.failing)} users to version 3; {len(self.failing)} failed",
+                      applied.stdout)
+        failures = applied.stderr.strip().splitlines()
+        self.assertEqual(len(failures), len(self.failing))
+        self.assertTrue(all("migrations[1] (version 1 to 2) raised" in line for line in failures), failures)
+        stored = read_record_files(self.folder)
+        for user, record in self.records.items():
+            if user in self.failing:  # left exactly as it was
+                self.assertEqual(read_bytes(self.path(user)), before[os.path.basename(self.path(user))])
+            else:
+                self.assertEqual(stored[user], {"$version": 3, **migrated(record)})
+
+        again = self.migrate("--apply")  # resumable: only the failures are left
+        self.assertIn(f"{CLI_USERS - len(self.failing)} at version 3", again.stdout)
+        self.assertIn(f"migrated 0 users to version 3; {len(self.failing)} failed", again.stdout)
+
+    def path(self, user: str) -> str:
+        return os.path.join(self.folder, jason._file_name(user))
+
+    def test_a_kill_during_apply_leaves_each_record_old_or_new(self) -> None:
+        code = "import sys, jason; sys.exit(jason.main(sys.argv[1:]))"
+        child = subprocess.Popen([sys.executable, "-c", code, self.folder, "migrate", "--migrations",
+                                  "records:MIGRATIONS", "--apply"], cwd=self._tmp.name, env=child_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + CHILD_TIMEOUT
+            # Killed once some records, but not all, are at the new version.
+            while b"$version" not in read_bytes(self.path(str(CLI_USERS // 3))):
+                self.assertIsNone(child.poll(), "migrate finished before it could be killed")
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.001)
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait()
+        stored = read_record_files(self.folder)  # every record parses
+        states = {"old": 0, "new": 0}
+        for user, record in self.records.items():
+            if stored[user] == record:
+                states["old"] += 1
+            else:
+                self.assertEqual(stored[user], {"$version": 3, **migrated(record)})
+                states["new"] += 1
+        self.assertGreater(states["new"], 0)
+        self.assertGreater(states["old"], len(self.failing), "the kill came after the last record")
+        finished = self.migrate("--apply")
+        self.assertIn(f"{len(self.failing)} failed", finished.stdout)
+        self.assertEqual(sum(1 for record in read_record_files(self.folder).values() if record.get("$version") == 3),
+                         CLI_USERS - len(self.failing))
+
+
 on_every_backend(ConstructionTest, LoadTest, SaveTest, EditTest, DeleteTest, UserIdsTest, UserIdMappingTest,
-                 BadInputSweepTest, ConcurrencyTest, CloseTest, ReentryTest, AiogramStorageTest, PTBPersistenceTest)
+                 BadInputSweepTest, ConcurrencyTest, CloseTest, ReentryTest, AiogramStorageTest, PTBPersistenceTest,
+                 UsersTest, MigrationTest)
 
 
 # ---------------------------------------------------------------- server backends
@@ -3443,16 +3757,36 @@ class PostgresTest(unittest.TestCase):
             run(*pg_ctl, "-m", "fast", "stop")
 
 
+TYPED_BOT = """
+from typing import Any, TypedDict
+
+from typing_extensions import assert_type
+
+from jason import JASON
+
+
+class UserRecord(TypedDict):
+    balance: int
+
+
+async def handler(db: JASON[UserRecord], untyped: JASON) -> None:
+    assert_type(await db.load_user_data(1), UserRecord)
+    assert_type(await untyped.load_user_data(1), dict[str, Any])
+    async with db.edit_user_data(1) as user:
+        user["balance"] = "lots"  # type: ignore[typeddict-item]
+"""
+
+
 @unittest.skipIf(OPTIONAL_PACKAGES_BLOCKED, "builds once, in the run with the optional packages")
 @slow
 class PackagingTest(unittest.TestCase):
     """pip install . and .[fast] from a clean virtualenv (needs the package registry for the build tools)."""
 
-    def test_the_wheel_holds_jason_py_alone_and_installs_a_working_command(self) -> None:
+    def test_the_wheel_holds_jason_py_as_a_typed_package_and_installs_a_working_command(self) -> None:
         with tempfile.TemporaryDirectory(prefix="jason-wheel-") as work:
             source, dist, venv = (os.path.join(work, name) for name in ("source", "dist", "venv"))
             os.mkdir(source)
-            for name in ("jason.py", "pyproject.toml", "README.md", "LICENSE"):
+            for name in ("jason.py", "setup.py", "pyproject.toml", "README.md", "LICENSE"):
                 shutil.copy(os.path.join(HERE, name), source)
 
             def run(*command: str) -> str:
@@ -3465,7 +3799,10 @@ class PackagingTest(unittest.TestCase):
             (wheel,) = os.listdir(dist)
             with zipfile.ZipFile(os.path.join(dist, wheel)) as archive:
                 names = archive.namelist()
-            self.assertEqual([name for name in names if ".dist-info/" not in name], ["jason.py"])
+            self.assertEqual(sorted(name for name in names if ".dist-info/" not in name),
+                             ["jason/__init__.py", "jason/__main__.py", "jason/py.typed"])
+            with zipfile.ZipFile(os.path.join(dist, wheel)) as archive:
+                self.assertEqual(archive.read("jason/__init__.py"), read_bytes(os.path.join(HERE, "jason.py")))
 
             run(sys.executable, "-m", "venv", venv)
             bin_dir = os.path.join(venv, "Scripts" if sys.platform == "win32" else "bin")
@@ -3476,6 +3813,12 @@ class PackagingTest(unittest.TestCase):
 
             run(python, "-m", "pip", "install", "--quiet", f"{os.path.join(dist, wheel)}[fast]")
             self.assertIn("orjson on, aiofiles off", run(os.path.join(bin_dir, "jason"), "--selftest"))
+
+            # PEP 561: mypy reads the installed package's own types (no "missing library stubs").
+            run(python, "-m", "pip", "install", "--quiet", "-r", os.path.join(HERE, "requirements-lint.txt"))
+            with open(os.path.join(work, "bot.py"), "w", encoding="utf-8") as file:
+                file.write(TYPED_BOT)
+            run(python, "-m", "mypy", "--strict", "--warn-unused-ignores", os.path.join(work, "bot.py"))
 
 
 class SuiteTest(unittest.TestCase):
