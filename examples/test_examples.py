@@ -53,10 +53,15 @@ BOT_TOKEN = "123456:TEST-TOKEN-OFFLINE"
 BOT_ID = 123456
 
 
-def aiogram_recording_bot() -> tuple[Any, list[tuple[int, str]]]:
-    """An aiogram Bot whose HTTP session records each message it sends (chat, text) and answers like Telegram."""
+def aiogram_recording_bot(blocked: frozenset[int] = frozenset()) -> tuple[Any, list[tuple[int, str]]]:
+    """An aiogram Bot whose HTTP session records each message it sends (chat, text) and answers like Telegram.
+
+    A message to a chat in blocked fails as Telegram fails it for a user who blocked the bot. The session's
+    sent_at holds when each message was sent.
+    """
     from aiogram import Bot
     from aiogram.client.session.base import BaseSession
+    from aiogram.exceptions import TelegramForbiddenError
     from aiogram.methods import SendMessage
     from aiogram.types import Chat, Message
 
@@ -64,10 +69,14 @@ def aiogram_recording_bot() -> tuple[Any, list[tuple[int, str]]]:
         def __init__(self) -> None:
             super().__init__()
             self.sent: list[tuple[int, str]] = []
+            self.sent_at: list[float] = []
 
         async def make_request(self, bot: Any, method: Any, timeout: int | None = None) -> Any:
             if not isinstance(method, SendMessage):
                 raise AssertionError(f"the bot called {type(method).__name__}, which the test does not expect")
+            self.sent_at.append(time.monotonic())
+            if int(method.chat_id) in blocked:
+                raise TelegramForbiddenError(method=method, message="Forbidden: bot was blocked by the user")
             self.sent.append((int(method.chat_id), method.text))
             chat = Chat(id=int(method.chat_id), type="private")
             return Message(message_id=len(self.sent), date=datetime.now(timezone.utc), chat=chat, text=method.text)
@@ -417,6 +426,41 @@ class PTBConversationTest(FormScenario, unittest.IsolatedAsyncioTestCase):
                               "float, bool or None"])
             self.assertFalse(await persistence.db.user_exists("user_5"))
             await persistence.db.close()
+
+
+@NEEDS_AIOGRAM
+class BroadcastTest(unittest.IsolatedAsyncioTestCase):
+    async def test_every_user_once_at_most_30_a_second_and_a_rerun_sends_nothing(self) -> None:
+        import aiogram_broadcast
+
+        users = range(1, 81)
+        blocked = frozenset(user for user in users if user % 9 == 0)
+        reached_before = {user for user in users if user % 10 == 3}  # a run that stopped part way
+        bot, sent = aiogram_recording_bot(blocked)
+        with tempfile.TemporaryDirectory() as folder:
+            async with JASON(folder) as db:
+                for user in users:
+                    record: dict[str, Any] = {"name": f"User{user}"}
+                    if user in reached_before:
+                        record["broadcasts"] = {"news-1": "sent"}
+                    await db.save_user_data(user, record)
+
+                counts = await aiogram_broadcast.broadcast(bot, db, "news-1", "Hello!")
+                expected = [user for user in sorted(users, key=str) if user not in reached_before]
+                self.assertEqual([chat for chat, _ in sent], [user for user in expected if user not in blocked])
+                self.assertEqual(counts, {"sent": len(expected) - len(blocked - reached_before),
+                                          "blocked": len(blocked - reached_before), "skipped": len(reached_before)})
+                times = bot.session.sent_at
+                self.assertEqual(len(times), len(expected))  # blocked users were tried once, like the rest
+                busiest = max(sum(1 for other in times if start <= other < start + 1) for start in times)
+                self.assertLessEqual(busiest, aiogram_broadcast.MESSAGES_PER_SECOND)
+                for user in users:
+                    outcome = "blocked" if user in blocked and user not in reached_before else "sent"
+                    self.assertEqual((await db.load_user_data(user))["broadcasts"], {"news-1": outcome})
+
+                again = await aiogram_broadcast.broadcast(bot, db, "news-1", "Hello!")
+                self.assertEqual(again, {"sent": 0, "blocked": 0, "skipped": len(users)})
+                self.assertEqual(len(times), len(expected))
 
 
 # ---------------------------------------------------------------- SIGKILL in the middle of the form
