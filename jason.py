@@ -136,6 +136,7 @@ USERS_CONCURRENCY: Final = 32
 # clients, 64 threads gave about twice the durable saves of asyncio's default
 # pool (6 threads on 2 cores). Idle threads cost no CPU.
 IO_THREADS: Final = 64
+CHECKPOINT_THREADS: Final = 8  # a checkpoint's durable writes at once, in a pool of their own
 # An antivirus or indexer holds a file for a few milliseconds; retrying for
 # about a second outlasts it without hanging a save forever.
 REPLACE_RETRY_DELAYS: Final = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -894,6 +895,41 @@ class _JournalFile:
         self.idle = threading.Condition()
 
 
+def _load_syncfs() -> Callable[[int], int] | None:
+    """Linux's syncfs(2), through ctypes: every file of one file system made durable in one call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    return function
+
+
+@functools.cache
+def _syncfs_function() -> Callable[[int], int] | None:
+    """syncfs, looked up at the first checkpoint (ctypes costs `import jason` 10 ms), or None."""
+    return _load_syncfs()
+
+
+def _syncfs(folder: str) -> None:
+    """Make every write to folder's file system durable: the checkpoint's files and their renames."""
+    syncfs = _syncfs_function()
+    assert syncfs is not None
+    fd = os.open(folder, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            import ctypes
+
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), folder)
+    finally:
+        os.close(fd)
+
+
 def _fdatasync(fd: int) -> None:
     if sys.platform == "darwin" or not hasattr(os, "fdatasync"):
         _fsync_file(fd)  # macOS: F_FULLFSYNC; Windows: no fdatasync, fsync flushes the file
@@ -1187,6 +1223,9 @@ class _SharedFolder:
         self.checkpointing: _JournalFile | None = None  # renamed aside, not yet retired
         self.checkpoint_task: asyncio.Future[None] | None = None
         self.checkpoint_timer: asyncio.TimerHandle | None = None
+        self.commit_queue: list[tuple[str, bytes | None, asyncio.Future[None]]] = []  # under _registry_lock
+        self.committing = False
+        self.finishing = False
         self.locks = _UserLocks()
         self.named_locks = _UserLocks()  # exclusive(): names, never user ids, so a registry of their own
         self.folder_sync = _GroupSync(functools.partial(_fsync_dir, folder))
@@ -1234,6 +1273,7 @@ class _SharedFolder:
             with _registry_lock:
                 if self.stores:  # an instance joined while the last checkpoint ran: it needs a journal
                     self.journal = _Journal(self.folder)
+                    self.finishing = False
         try:
             self._release_lock()
         finally:
@@ -1252,16 +1292,56 @@ class _SharedFolder:
 
     # ---- the journal (journal=True)
 
-    def journaled(self, key: str, data: bytes | None) -> None:
-        """Append a save (data None: a delete) to the journal; in an I/O thread. Pending once durable."""
+    async def commit(self, store: _FolderStore, operation: str, key: str, data: bytes | None) -> None:
+        """Journal a save (data None: a delete); return once it is durable.
+
+        The saves that arrive together are appended by one job in the I/O pool
+        with one write and one fdatasync, and the job takes whatever arrived
+        meanwhile next: per save, the loop only queues it and is told once.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        with _registry_lock:  # as start_write: refused here, or committed before close() lets the folder go
+            store.check_writable(operation)
+            self.commit_queue.append((key, data, done))
+            if not self.committing:
+                self.committing = True
+                running = _io_executor().submit(self._commit_batches, loop)
+                self.writes.add(running)
+                running.add_done_callback(self._write_done)
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # The save may still land: its outcome comes first, so the user's next operation comes after it.
+            while not done.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(done)
+            if not done.cancelled():
+                done.exception()  # retrieved here, so asyncio does not log it as lost
+            raise
+
+    def _commit_batches(self, loop: asyncio.AbstractEventLoop) -> None:
+        """In the I/O pool: append what is queued, sync, tell the savers; again until nothing is queued."""
         assert self.journal is not None
-        entry = (data,)
+        while True:
+            with _registry_lock:
+                batch, self.commit_queue = self.commit_queue, []
+                if not batch:
+                    self.committing = False
+                    return
+            entries = [(key, (data,)) for key, data, _ in batch]
 
-        def when_durable() -> None:
-            with self.pending_lock:
-                self.pending[key] = entry
+            def when_durable(entries: list[tuple[str, tuple[bytes | None]]] = entries) -> None:
+                with self.pending_lock:
+                    self.pending.update(entries)
 
-        self.journal.append(_journal_entry(key, data), when_durable)
+            error: BaseException | None = None
+            try:
+                self.journal.append(b"".join(_journal_entry(key, entry[0]) for key, entry in entries), when_durable)
+            except BaseException as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # a loop closed meanwhile has no one to tell
+                loop.call_soon_threadsafe(_settle, [done for _, _, done in batch], error)
 
     def pending_entry(self, key: str) -> tuple[bytes | None] | None:
         with self.pending_lock:
@@ -1270,7 +1350,7 @@ class _SharedFolder:
     def schedule_checkpoint(self) -> None:
         """After a journaled save: a checkpoint soon, or now if the journal is big."""
         assert self.journal is not None
-        if self.checkpoint_task is not None and not self.checkpoint_task.done():
+        if self.finishing or (self.checkpoint_task is not None and not self.checkpoint_task.done()):
             return  # when it ends, it schedules the next one for what came in meanwhile
         if self.journal.file.size >= JOURNAL_CHECKPOINT_BYTES:
             self._start_checkpoint()
@@ -1291,7 +1371,7 @@ class _SharedFolder:
         if task.exception() is not None:
             _log.error("checkpoint of %s failed (%s); the journal keeps every save, and the next checkpoint "
                        "tries again", self.folder, task.exception())
-        if self.pending and self.lock_fd is not None:
+        if self.pending and not self.finishing:
             self.schedule_checkpoint()
 
     async def checkpoint(self) -> None:
@@ -1301,28 +1381,36 @@ class _SharedFolder:
             self.checkpointing = await _in_thread(self.journal.rotate)
         with self.pending_lock:
             snapshot = list(self.pending.items())
-        for start in range(0, len(snapshot), IO_THREADS):
-            batch = snapshot[start:start + IO_THREADS]
+        for start in range(0, len(snapshot), CHECKPOINT_THREADS):
+            batch = snapshot[start:start + CHECKPOINT_THREADS]
             results = await asyncio.gather(*(self._apply(key, entry) for key, entry in batch), return_exceptions=True)
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
+        if _syncfs_function() is not None:
+            await _wait_for_thread(_checkpoint_executor().submit(_syncfs, self.folder))
         await _in_thread(self.journal.retire, self.checkpointing)
         self.checkpointing = None
 
     async def _apply(self, key: str, entry: tuple[bytes | None]) -> None:
+        """Write one pending save to its file; durable only once the checkpoint's sync has run."""
         data = entry[0]
+        # In threads of their own: the saves and loads under way never queue behind a checkpoint.
+        durable_each = _syncfs_function() is None  # else one syncfs makes them all durable: far cheaper
         if data is None:
-            await _in_thread(_delete_sync, self.folder, _file_name(key), True)
+            await _wait_for_thread(_checkpoint_executor().submit(
+                _delete_sync, self.folder, _file_name(key), durable_each))
         else:
-            await _in_thread(_write_atomic_sync, self.folder, _file_name(key), data, True, self.folder_sync)
+            await _wait_for_thread(_checkpoint_executor().submit(
+                _write_atomic_sync, self.folder, _file_name(key), data, durable_each, self.folder_sync))
         with self.pending_lock:
-            if self.pending.get(key) is entry:  # not saved again meanwhile
+            if self.pending.get(key) is entry:  # not saved again meanwhile; the journal still has it
                 del self.pending[key]
 
     async def finish_journal(self) -> None:
         """At close: the last checkpoint, then no journal remains."""
         assert self.journal is not None
+        self.finishing = True  # no checkpoint starts now but the last one, here
         if self.checkpoint_timer is not None:
             self.checkpoint_timer.cancel()
             self.checkpoint_timer = None
@@ -1334,11 +1422,30 @@ class _SharedFolder:
         await _in_thread(self.journal.close)
 
 
+def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        if not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+
 _shared_folders: dict[str, _SharedFolder] = {}
 # Guards _shared_folders and every _SharedFolder's stores and writes: JASON
 # objects may be made and closed in several threads at once.
 _registry_lock = threading.Lock()
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
+_checkpoint_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _checkpoint_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The journal's checkpoints' own few threads, made on first use (and again in a forked child)."""
+    global _checkpoint_pool
+    if _checkpoint_pool is None:
+        _checkpoint_pool = concurrent.futures.ThreadPoolExecutor(max_workers=CHECKPOINT_THREADS,
+                                                                 thread_name_prefix="jason-checkpoint")
+    return _checkpoint_pool
 
 
 def _io_executor() -> concurrent.futures.ThreadPoolExecutor:
@@ -1355,8 +1462,8 @@ def _forget_folders_after_fork() -> None:
     # fork see the pid change and refuse to write. The I/O pool's threads did
     # not survive the fork, so the child starts a pool of its own; a lock that
     # another thread held at the fork would never be released, so it is new too.
-    global _executor, _registry_lock
-    _executor = None
+    global _executor, _checkpoint_pool, _registry_lock
+    _executor = _checkpoint_pool = None
     _registry_lock = threading.Lock()
     for shared in _shared_folders.values():
         if shared.lock_fd is not None:
@@ -1563,7 +1670,7 @@ class _FolderStore:
 
     async def write(self, key: str, data: bytes, operation: str) -> None:
         if self._shared is not None and self._shared.journal is not None:
-            await self._write_in_thread(operation, self._shared.journaled, key, data)
+            await self._shared.commit(self, operation, key, data)
             self._shared.schedule_checkpoint()
             return
         await self._write_in_thread(
@@ -1575,7 +1682,7 @@ class _FolderStore:
             if not await self.exists(key):
                 self.check_writable(operation)
                 return False
-            await self._write_in_thread(operation, self._shared.journaled, key, None)
+            await self._shared.commit(self, operation, key, None)
             self._shared.schedule_checkpoint()
             return True
         return await self._write_in_thread(operation, _delete_sync, self.folder, _file_name(key), self.durable)

@@ -3151,6 +3151,9 @@ class PowerCutModel:
                 content = read_bytes(os.path.join(folder, name))
                 self.entries[name] = self._new_file(content)
         self.synced_entries = dict(self.entries)
+        # Syncs can overlap: each applies what it saw only if no sync that saw later state has applied yet.
+        self._sync_order = itertools.count(1)
+        self._applied: dict[int | str, int] = {}  # file id, or "folder" -> order of the sync last applied
         self.folder_fsyncs = 0
         self.folder_fsync_seconds = 0.0
         self.before_sync: Callable[[int | str | None], None] = lambda target: None  # a test's hook
@@ -3183,6 +3186,7 @@ class PowerCutModel:
         # Only what was there when the fsync started is sure to be on disk when it returns.
         with self._lock:
             target = self._open_fds.get(fd)
+            order = next(self._sync_order)
             entries = dict(self.entries)
             written = self._files[target]["written"] if isinstance(target, int) else b""
             if target == "folder":
@@ -3193,12 +3197,31 @@ class PowerCutModel:
         self._real["fsync"](fd)
         with self._lock:
             if target == "folder":
-                self.synced_entries = entries
+                self._apply_sync(order, entries, {})
             elif isinstance(target, int):
-                self._files[target]["synced"] = written
+                self._apply_sync(order, None, {target: written})
+
+    def _apply_sync(self, order: int, entries: dict[str, int] | None, files: dict[int, bytes]) -> None:
+        if entries is not None and order > self._applied.get("folder", 0):
+            self.synced_entries = entries
+            self._applied["folder"] = order
+        for file_id, content in files.items():
+            if order > self._applied.get(file_id, 0):
+                self._files[file_id]["synced"] = content
+                self._applied[file_id] = order
 
     def _fdatasync(self, fd: int) -> None:  # the journal's: its data, which is all the model tracks
         self._fsync(fd)
+
+    def _syncfs(self, folder: str) -> None:  # a checkpoint's: every file and every entry, as of the call
+        with self._lock:
+            order = next(self._sync_order)
+            entries = dict(self.entries)
+            written = {file_id: file["written"] for file_id, file in self._files.items()}
+        self.before_sync("syncfs")
+        self._real_syncfs(folder)
+        with self._lock:
+            self._apply_sync(order, entries, written)
 
     def _replace(self, source: str, target: str) -> None:
         self._real["replace"](source, target)
@@ -3226,6 +3249,8 @@ class PowerCutModel:
         with contextlib.ExitStack() as stack:
             for name in self._real:
                 stack.enter_context(mock.patch(f"os.{name}", getattr(self, f"_{name}")))
+            self._real_syncfs = jason._syncfs
+            stack.enter_context(mock.patch("jason._syncfs", self._syncfs))
             yield self
 
 
