@@ -12,7 +12,9 @@ load and save one user's dict at a time. No server, no schema, no setup::
     await db.save_user_data(12345, data)
 
 Guarantees: a save is atomic (a unique temp file, fsync, os.replace, folder
-fsync), so a record is always the old or the new version, never a mix; a
+fsync; or, with journal=True, an entry in the folder's journal that one
+fdatasync makes durable together with every save waiting), so a record is
+always the old or the new version, never a mix; a
 corrupt record raises CorruptDataError and is never overwritten with defaults;
 no user id can name a file outside the folder, and two ids never share a file;
 operations on one user are serialised, so no update is lost; every load
