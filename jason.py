@@ -3197,7 +3197,11 @@ def _classify_entries_sync(folder: str) -> tuple[int, list[tuple[str, str, str]]
         key = _user_key_from_file_name(name)
         if name in (LOCK_FILE_NAME, UPGRADE_MARKER_NAME):
             continue
-        if name.startswith(TEMP_PREFIX):
+        if name in (JOURNAL_NAME, JOURNAL_CHECKPOINTING_NAME):
+            if writer_since is None:  # a live writer's journal is its saves in flight
+                problems.append(("journal", path, "saves of a writer that stopped without closing; the next "
+                                 "writer to open the folder writes them into the records"))
+        elif name.startswith(TEMP_PREFIX):
             try:
                 made = os.lstat(path).st_mtime
             except FileNotFoundError:
@@ -3249,7 +3253,7 @@ async def _cmd_check(args: Any) -> int:
     for kind, path, detail in problems:
         print(f"{kind}: {path}: {detail}")
     counts = {kind: sum(1 for problem in problems if problem[0] == kind)
-              for kind in ("corrupt", "temp", "quarantined", "bad-name", "stray")}
+              for kind in ("corrupt", "temp", "quarantined", "bad-name", "stray", "journal")}
     print(f"{sound} sound records; " + ", ".join(f"{count} {kind}" for kind, count in counts.items()))
     return 1 if problems else 0
 

@@ -1918,11 +1918,14 @@ class JournalTest(FolderMixin):
                 child = subprocess.Popen([sys.executable, "-c", JOURNAL_WRITER, folder], env=child_env(),
                                          stdout=subprocess.PIPE, text=True)
                 assert child.stdout is not None
+                watchdog = threading.Timer(CHILD_TIMEOUT, child.kill)  # a child that hangs cannot hang the test
+                watchdog.start()
                 returned = []
                 for line in child.stdout:  # each line: a save that returned
                     returned.append(int(line))
                     if len(returned) == 150 + 37 * round_number:
                         break
+                watchdog.cancel()
                 child.kill()
                 child.wait(CHILD_TIMEOUT)
                 child.stdout.close()
@@ -1998,6 +2001,26 @@ class JournalTest(FolderMixin):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(self.journals(), [])
         self.assertEqual(await asyncio.to_thread(read_folder, self.folder), {"1": {"v": 1}, "2": {"v": 2}})
+
+    async def test_check_reports_a_journal_only_when_its_writer_is_gone(self) -> None:
+        await self.db.save_user_data(1, {"v": 1})
+        running = run_cli(self.folder, "check")
+        self.assertEqual(running.returncode, 0, running.stdout)  # the live writer's saves in flight
+        self.assertIn("0 journal", running.stdout)
+        folder = os.path.join(self._tmp.name, "killed")
+        child = subprocess.Popen([sys.executable, "-c", JOURNAL_WRITER, folder], env=child_env(),
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        watchdog = threading.Timer(CHILD_TIMEOUT, child.kill)  # a child that hangs cannot hang the test
+        watchdog.start()
+        child.stdout.readline()  # one save has returned
+        watchdog.cancel()
+        child.kill()
+        child.wait(CHILD_TIMEOUT)
+        child.stdout.close()
+        left = run_cli(folder, "check")
+        self.assertEqual(left.returncode, 1)
+        self.assertIn(f"journal: {os.path.join(folder, jason.JOURNAL_NAME)}: saves of a writer", left.stdout)
 
     async def test_the_journal_is_for_durable_saves_to_a_folder(self) -> None:
         with self.assertRaisesRegex(ValueError, "durable=False"):
@@ -3609,7 +3632,8 @@ class CLITest(unittest.TestCase):
         self.assertIn("line 1", result.stdout)
         for kind in ("temp", "stray", "bad-name", "quarantined"):
             self.assertRegex(result.stdout, rf"(?m)^{kind}: ")
-        self.assertIn("1 sound records; 1 corrupt, 1 temp, 1 quarantined, 1 bad-name, 1 stray", result.stdout)
+        self.assertIn("1 sound records; 1 corrupt, 1 temp, 1 quarantined, 1 bad-name, 1 stray, 0 journal",
+                      result.stdout)
         result = run_cli(folder, "check", "--fix-temp")
         self.assertIn("removed: ", result.stdout)
         self.assertEqual(temp_files(folder), [])
