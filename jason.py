@@ -112,6 +112,7 @@ JOURNAL_CHECKPOINTING_NAME: Final = ".jason-journal-checkpoint"  # the journal a
 # this big: the most a record's file lags its latest save, and the most a replay after a crash reads.
 JOURNAL_CHECKPOINT_SECONDS: Final = 1.0
 JOURNAL_CHECKPOINT_BYTES: Final = 16 << 20
+JOURNAL_PREALLOCATED_BYTES: Final = JOURNAL_CHECKPOINT_BYTES + (1 << 20)
 # A quarantined record is renamed <name>.corrupt-<UTC time>-<random>: it no
 # longer ends in .json, so it is never listed or loaded, and JASON never deletes it.
 QUARANTINE_MARK: Final = ".corrupt-"
@@ -843,18 +844,32 @@ def _parse_journal(raw: bytes, start: int = 0) -> tuple[list[tuple[str, bytes | 
     return entries, offset
 
 
-def _read_file_sync(path: str) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+def _entry_may_continue(rest: bytes) -> bool:
+    """True when rest, the bytes after the last whole entry, may be the start of one not read in full yet."""
+    if len(rest) < _JOURNAL_HEADER.size:
+        return _JOURNAL_MAGIC.startswith(rest[:2])
+    magic, length, _ = _JOURNAL_HEADER.unpack_from(rest)
+    return bool(magic == _JOURNAL_MAGIC and _JOURNAL_HEADER.size + length > len(rest))
+
+
+def _read_journal_sync(fd: int, start: int) -> tuple[list[tuple[str, bytes | None]], int]:
+    """The whole entries of an open journal from start on, and where they end.
+
+    It reads only as far as the entries go: a journal is preallocated, and
+    the zeros after its last entry end it like a torn tail.
+    """
+    entries: list[tuple[str, bytes | None]] = []
+    os.lseek(fd, start, os.SEEK_SET)
+    buffer = b""
+    end = start
+    while chunk := os.read(fd, 1 << 16):
+        found, used = _parse_journal(buffer + chunk)
+        entries += found
+        buffer = (buffer + chunk)[used:]
+        end += used
+        if buffer and not _entry_may_continue(buffer):
+            break
+    return entries, end
 
 
 def _journal_paths(folder: str) -> tuple[str, str]:
@@ -868,9 +883,14 @@ def _replay_journals_sync(folder: str) -> int:
     latest: dict[str, bytes | None] = {}
     paths = _journal_paths(folder)
     for path in paths:
-        raw = _read_file_sync(path)
-        if raw is not None:
-            latest.update(_parse_journal(raw)[0])
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW)
+        except FileNotFoundError:
+            continue
+        try:
+            latest.update(_read_journal_sync(fd, 0)[0])
+        finally:
+            os.close(fd)
     for key, data in latest.items():
         if data is None:
             _delete_sync(folder, _file_name(key), durable=True)
@@ -887,11 +907,19 @@ def _replay_journals_sync(folder: str) -> int:
 
 
 class _JournalFile:
-    """One journal file open for appending, with the group commit of its fdatasyncs."""
+    """One journal file open for appending, with the group commit of its fdatasyncs.
+
+    It is preallocated where the system can: an fdatasync after an append that
+    grows the file must also commit its new size, one after an append into
+    space already allocated need not (about a fifth fewer µs a save here).
+    """
 
     def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | _O_BINARY | _O_CLOEXEC, 0o644)
-        self.size = 0
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_CLOEXEC, 0o644)
+        if hasattr(os, "posix_fallocate"):
+            with contextlib.suppress(OSError):  # a file system without it: the journal grows as it goes
+                os.posix_fallocate(self.fd, 0, JOURNAL_PREALLOCATED_BYTES)
+        self.size = 0  # where the next entry goes: the end of the last whole one
         self.sync = _GroupSync(functools.partial(_fdatasync, self.fd))
         self.appending = 0  # appends not finished yet: a checkpoint waits for them before it applies
         self.idle = threading.Condition()
@@ -932,6 +960,21 @@ def _syncfs(folder: str) -> None:
         os.close(fd)
 
 
+def _write_at_sync(fd: int, data: bytes, offset: int) -> None:
+    """Write every byte of data at offset (os.pwrite where there is one)."""
+    view = memoryview(data)
+    while view:
+        if hasattr(os, "pwrite"):
+            written = os.pwrite(fd, view, offset)
+        else:  # Windows
+            os.lseek(fd, offset, os.SEEK_SET)
+            written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "write stored no bytes")
+        view = view[written:]
+        offset += written
+
+
 def _fdatasync(fd: int) -> None:
     if sys.platform == "darwin" or not hasattr(os, "fdatasync"):
         _fsync_file(fd)  # macOS: F_FULLFSYNC; Windows: no fdatasync, fsync flushes the file
@@ -958,12 +1001,12 @@ class _Journal:
                                  "saved. Close this JASON and open the folder again: opening replays the journal")
             journal = self.file
             try:
-                _write_all_sync(journal.fd, entry)
+                _write_at_sync(journal.fd, entry, journal.size)
             except BaseException as exc:
-                try:  # a torn entry would end the journal there, hiding every later one: cut it off
-                    os.ftruncate(journal.fd, journal.size)
+                try:  # zeros end the journal there, as before the append: the next entry goes in its place
+                    _write_at_sync(journal.fd, bytes(len(entry)), journal.size)
                 except OSError:
-                    self.broken = f"an append failed ({exc}) and could not be cut off"
+                    self.broken = f"an append failed ({exc}) and could not be undone"
                 raise
             journal.size += len(entry)
             with journal.idle:
@@ -1044,15 +1087,11 @@ class _JournalReader:
             seen_inode, offset, latest = self._seen.get(path, (inode, 0, {}))
             if seen_inode != inode:
                 offset, latest = 0, {}
-            os.lseek(fd, offset, os.SEEK_SET)
-            chunks = []
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
+            entries, end = _read_journal_sync(fd, offset)
         finally:
             os.close(fd)
-        entries, used = _parse_journal(b"".join(chunks))
         latest = {**latest, **dict(entries)}
-        self._seen[path] = (inode, offset + used, latest)
+        self._seen[path] = (inode, end, latest)
         return latest
 
 

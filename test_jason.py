@@ -1899,7 +1899,7 @@ class JournalTest(FolderMixin):
             await self.db.save_user_data(1, {"v": 1})
             await until(lambda: self.journals() == [jason.JOURNAL_NAME] and os.path.exists(self.path(1)))
             self.assertEqual(json.loads(read_bytes(self.path(1))), {"v": 1})
-            self.assertEqual(os.path.getsize(os.path.join(self.folder, jason.JOURNAL_NAME)), 0)
+            self.assertEqual(read_bytes(os.path.join(self.folder, jason.JOURNAL_NAME)).strip(b"\0"), b"")  # no entry
             await self.db.save_user_data(1, {"v": 2})
             await self.db.delete_user_data(1)
             await until(lambda: not os.path.exists(self.path(1)))
@@ -1943,31 +1943,35 @@ class JournalTest(FolderMixin):
 
     async def test_a_torn_tail_is_ignored(self) -> None:
         await self.db.close()
-        journal = jason._journal_entry("1", b'{"v":1}') + jason._journal_entry("2", b'{"v":2}')
-        torn = jason._journal_entry("3", b'{"v":3}')
-        for tail in (torn[:-1], torn[:5], b"\x00" * 40, torn[:-3] + b"xyz"):
-            with self.subTest(tail=tail), open(os.path.join(self.folder, jason.JOURNAL_NAME), "wb") as file:
-                file.write(journal + tail)
-            async with JASON(self.folder) as db:
-                self.assertEqual({user: await db.load_user_data(user) for user in await db.user_ids()},
-                                 {"1": {"v": 1}, "2": {"v": 2}})
-            self.assertEqual(self.journals(), [])
+        records = {str(user): {"v": user, "pad": "x" * 1000} for user in range(200)}  # entries across read chunks
+        journal = b"".join(jason._journal_entry(user, jason._dumps(record)) for user, record in records.items())
+        torn = jason._journal_entry("torn", b'{"v":3}')
+        for tail in (torn[:-1], torn[:5], b"\x00" * 40, torn[:-3] + b"xyz", b""):
+            with self.subTest(tail=tail):
+                with open(os.path.join(self.folder, jason.JOURNAL_NAME), "wb") as file:
+                    file.write(journal + tail + bytes(100_000))  # as preallocated: zeros after the last entry
+                async with JASON(self.folder, readonly=True) as reader:  # reads it where it is
+                    self.assertEqual(len(await reader.user_ids()), 200)
+                    self.assertEqual(await reader.load_user_data("199"), records["199"])
+                async with JASON(self.folder) as db:  # replays it
+                    self.assertEqual({user: await db.load_user_data(user) for user in await db.user_ids()}, records)
+                self.assertEqual(self.journals(), [])
 
     async def test_a_failed_append_fails_its_save_and_the_next_save_works(self) -> None:
         await self.db.save_user_data(1, {"v": 1})
-        real_write = os.write
+        real_pwrite = os.pwrite
         calls: list[int] = []
 
-        def short_then_full(fd: int, data: Any) -> int:  # half an entry lands, then the disk is full
+        def short_then_full(fd: int, data: Any, offset: int) -> int:  # half an entry lands, then the disk is full
             if is_journal_entry((fd, data)) and not calls:
                 calls.append(fd)
-                return real_write(fd, bytes(data[: len(data) // 2]))
-            if calls and len(calls) == 1:
+                return real_pwrite(fd, bytes(data[: len(data) // 2]), offset)
+            if len(calls) == 1:
                 calls.append(fd)
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return real_write(fd, data)
+            return real_pwrite(fd, data, offset)
 
-        with mock.patch("os.write", short_then_full), self.assertRaises(OSError) as caught:
+        with mock.patch("os.pwrite", short_then_full), self.assertRaises(OSError) as caught:
             await self.db.save_user_data(1, {"v": 2})
         self.assertEqual(caught.exception.errno, errno.ENOSPC)
         self.assertEqual(await self.db.load_user_data(1), {**DEFAULT, "v": 1})
@@ -3165,7 +3169,7 @@ class PowerCutModel:
         self.folder = folder
         self._lock = threading.Lock()
         self._real = {name: getattr(os, name)
-                      for name in ("open", "write", "fsync", "fdatasync", "replace", "unlink", "close")}
+                      for name in ("open", "write", "pwrite", "fsync", "fdatasync", "replace", "unlink", "close")}
         self._files: dict[int, dict[str, bytes]] = {}  # id -> {"written", "synced"}
         self._open_fds: dict[int, int | str] = {}  # fd -> file id, or "folder"
         self.entries: dict[str, int] = {}
@@ -3203,6 +3207,15 @@ class PowerCutModel:
             file_id = self._open_fds.get(fd)
             if isinstance(file_id, int):
                 self._files[file_id]["written"] += bytes(data[:written])
+        return written
+
+    def _pwrite(self, fd: int, data: bytes, offset: int) -> int:  # the journal's appends
+        written: int = self._real["pwrite"](fd, data, offset)
+        with self._lock:
+            file_id = self._open_fds.get(fd)
+            if isinstance(file_id, int):
+                before = self._files[file_id]["written"].ljust(offset, b"\0")
+                self._files[file_id]["written"] = before[:offset] + bytes(data[:written]) + before[offset + written:]
         return written
 
     def _fsync(self, fd: int) -> None:
