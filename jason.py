@@ -1701,6 +1701,13 @@ class _FolderStore:
             return latest[key]
         return _read_record_sync(self._path(key))
 
+    def _exists_beside_journal_sync(self, key: str) -> bool:
+        assert self._journal_reader is not None
+        latest = self._journal_reader.latest()
+        if key in latest:
+            return latest[key] is not None
+        return _is_record_sync(self._path(key))
+
     async def read(self, key: str) -> bytes | None:
         pending = self._pending(key)
         if pending is not None:
@@ -1733,7 +1740,7 @@ class _FolderStore:
         if pending is not None:
             return pending[0] is not None
         if self._journal_reader is not None:
-            return await _in_thread(self._read_beside_journal_sync, key) is not None
+            return await _in_thread(self._exists_beside_journal_sync, key)
         return await _in_thread(_is_record_sync, self._path(key))
 
     async def keys(self) -> list[str]:
