@@ -825,10 +825,10 @@ def _journal_entry(key: str, data: bytes | None) -> bytes:
     return _JOURNAL_HEADER.pack(_JOURNAL_MAGIC, len(rest), zlib.crc32(rest)) + rest
 
 
-def _parse_journal(raw: bytes, start: int = 0) -> tuple[list[tuple[str, bytes | None]], int]:
-    """The whole entries of raw from start on, and where they end: the first bad one ends the journal."""
+def _parse_journal(raw: bytes) -> tuple[list[tuple[str, bytes | None]], int]:
+    """The whole entries at the start of raw, and where they end: the first bad one ends the journal."""
     entries = []
-    offset = start
+    offset = 0
     while offset + _JOURNAL_HEADER.size <= len(raw):
         magic, length, crc = _JOURNAL_HEADER.unpack_from(raw, offset)
         end = offset + _JOURNAL_HEADER.size + length
