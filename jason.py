@@ -68,7 +68,7 @@ import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable, Final, Generic, Literal, NoReturn, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Callable, Final, Generic, Literal, NoReturn, Optional, Protocol, TypeVar, cast
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -808,15 +808,26 @@ def _lock_holder_sync(path: str) -> str:
 # who opens the folder to write replays what journals remain first, and
 # readers look in them for records newer than the files.
 #
-# An entry is: b"JE", the length of the rest (4 bytes), the CRC-32 of the rest
-# (4 bytes), then the rest: kind (1 byte, 1 = save, 2 = delete), the key's
-# length (2 bytes), the key (UTF-8) and the record. A torn or stray tail,
-# where the CRC or the length does not match, ends the journal.
+# A journal file starts with a header: b"JH" and 14 random bytes, its
+# generation. A reader in another process tells journals apart by it: the
+# file system reuses a deleted journal's inode, so an inode names no journal.
+# Entries follow: b"JE", the length of the rest (4 bytes), the CRC-32 of the
+# rest (4 bytes), then the rest: kind (1 byte, 1 = save, 2 = delete), the
+# key's length (2 bytes), the key (UTF-8) and the record. A torn or stray
+# tail, where the CRC or the length does not match, ends the journal. A
+# journal without a header (written by JASON 1.0.0) is entries from byte 0.
 
+_JOURNAL_FILE_HEADER: Final = struct.Struct("<2s14s")
+_JOURNAL_FILE_MAGIC: Final = b"JH"
 _JOURNAL_HEADER: Final = struct.Struct("<2sII")
 _JOURNAL_KEY: Final = struct.Struct("<BH")
 _JOURNAL_MAGIC: Final = b"JE"
 _SAVE, _DELETE = 1, 2
+
+if TYPE_CHECKING:
+    # What a journal holds for one key: (record,) or (None,) for a delete. A fresh
+    # tuple per save, so a checkpoint can tell a save made while it ran apart.
+    _Newer = tuple[Optional[bytes]]
 
 
 def _journal_entry(key: str, data: bytes | None) -> bytes:
@@ -852,6 +863,35 @@ def _entry_may_continue(rest: bytes) -> bool:
     return bool(magic == _JOURNAL_MAGIC and _JOURNAL_HEADER.size + length > len(rest))
 
 
+def _open_journal_sync(path: str) -> int | None:
+    """A journal opened for reading, or None when there is none; JasonError for anything but a regular file.
+
+    Non-blocking, as records are: a FIFO planted under the journal's name must not hang a reader or a writer.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW | _O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise JasonError(f"{path} is a symbolic link, which JASON never follows; move it out of the folder") \
+                from exc
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise JasonError(f"{path} is not a regular file, so it is no journal of JASON's; move it out of the folder")
+    return fd
+
+
+def _journal_generation_sync(fd: int) -> tuple[bytes | None, int]:
+    """The journal's generation (None without a header) and where its entries start."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    head = os.read(fd, _JOURNAL_FILE_HEADER.size)
+    if len(head) == _JOURNAL_FILE_HEADER.size and head.startswith(_JOURNAL_FILE_MAGIC):
+        return head, _JOURNAL_FILE_HEADER.size
+    return None, 0
+
+
 def _read_journal_sync(fd: int, start: int) -> tuple[list[tuple[str, bytes | None]], int]:
     """The whole entries of an open journal from start on, and where they end.
 
@@ -883,12 +923,11 @@ def _replay_journals_sync(folder: str) -> int:
     latest: dict[str, bytes | None] = {}
     paths = _journal_paths(folder)
     for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW)
-        except FileNotFoundError:
+        fd = _open_journal_sync(path)
+        if fd is None:
             continue
         try:
-            latest.update(_read_journal_sync(fd, 0)[0])
+            latest.update(_read_journal_sync(fd, _journal_generation_sync(fd)[1])[0])
         finally:
             os.close(fd)
     for key, data in latest.items():
@@ -916,10 +955,17 @@ class _JournalFile:
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_CLOEXEC, 0o644)
-        if hasattr(os, "posix_fallocate"):
-            with contextlib.suppress(OSError):  # a file system without it: the journal grows as it goes
-                os.posix_fallocate(self.fd, 0, JOURNAL_PREALLOCATED_BYTES)
-        self.size = 0  # where the next entry goes: the end of the last whole one
+        try:
+            if hasattr(os, "posix_fallocate"):
+                with contextlib.suppress(OSError):  # a file system without it: the journal grows as it goes
+                    os.posix_fallocate(self.fd, 0, JOURNAL_PREALLOCATED_BYTES)
+            header = _JOURNAL_FILE_HEADER.pack(_JOURNAL_FILE_MAGIC, secrets.token_bytes(14))
+            _write_at_sync(self.fd, header, 0)  # durable with the first entry's fdatasync
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.size = len(header)  # where the next entry goes: the end of the last whole one
+        self.holds_entries = False
         self.sync = _GroupSync(functools.partial(_fdatasync, self.fd))
         self.appending = 0  # appends not finished yet: a checkpoint waits for them before it applies
         self.idle = threading.Condition()
@@ -982,116 +1028,302 @@ def _fdatasync(fd: int) -> None:
         os.fdatasync(fd)
 
 
-class _Journal:
-    """The writer's journal: appends from many threads, each durable after one shared fdatasync."""
+def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        if not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
 
-    def __init__(self, folder: str) -> None:
+
+class _Journal:
+    """Everything the writer's journal does, in one place: commits, pending records, checkpoints, the end.
+
+    - commit(): a save (or delete) joins a queue. One job in the I/O pool
+      appends everything queued with one write and one fdatasync, then wakes
+      each saver on its own event loop; it takes whatever arrived meanwhile
+      next. A save returns once its entry is durable.
+    - newer(): the records the journal holds that their files do not have
+      yet (pending), which the folder store reads before the files.
+    - checkpoints run in a thread of the journal's own, never in an event
+      loop, so a loop that ends (asyncio.run() returning) cuts none short:
+      JOURNAL_CHECKPOINT_SECONDS after the first save into an empty journal,
+      or at once when it holds JOURNAL_CHECKPOINT_BYTES, the journal is
+      renamed aside, the pending records are written to their files and
+      synced, and the old journal is deleted. Every step is recorded here as
+      it happens, so a checkpoint cut short is finished by the next one.
+    - finish_sync() and delete_if_idle(): close() checkpoints until nothing
+      is pending, then deletes the empty journal, unless an instance opened
+      meanwhile, which goes on using it.
+    """
+
+    def __init__(self, folder: str, folder_sync: _GroupSync) -> None:
         self.folder = folder
         self.checkpointing_path, self.path = _journal_paths(folder)
+        self._folder_sync = folder_sync
         self._append_lock = threading.Lock()  # one append at a time; a failed one is cut off before the next
-        self.broken: str | None = None
-        self.file = _JournalFile(self.path)
+        self._broken: str | None = None
+        self._file = _JournalFile(self.path)
+        self._old: _JournalFile | None = None  # renamed aside by a checkpoint, not yet deleted
         _fsync_dir(folder)  # the journal must exist after a power cut before any save relies on it
+        self._pending: dict[str, _Newer] = {}
+        self._pending_lock = threading.Lock()
+        # Under _registry_lock, where close() checks that nothing is queued before it deletes the journal.
+        self._queue: list[tuple[str, bytes | None, asyncio.Future[None]]] = []
+        self._commit_job: concurrent.futures.Future[None] | None = None
+        self._checkpoint_lock = threading.Lock()  # one checkpoint at a time: the thread's, or close()'s
+        self._due = threading.Condition()
+        self._due_at: float | None = None  # when the next checkpoint starts; None: nothing to checkpoint
+        self._closed = False
+        threading.Thread(target=self._checkpoint_loop, name="jason-checkpoints", daemon=True).start()
 
-    def append(self, entry: bytes, when_durable: Callable[[], None]) -> None:
-        """Append entry, make it durable, then call when_durable; OSError (and nothing appended) otherwise."""
-        with self._append_lock:
-            if self.broken is not None:
-                raise JasonError(f"the journal of {self.folder} failed earlier ({self.broken}); nothing more is "
-                                 "saved. Close this JASON and open the folder again: opening replays the journal")
-            journal = self.file
+    # ---- commits
+
+    async def commit(self, check: Callable[[], None], key: str, data: bytes | None) -> None:
+        """Journal a save (data None: a delete) if check() passes; return once it is durable."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with _registry_lock:  # as a write's registration: refused here, or committed before close() ends
+            check()
+            self._queue.append((key, data, done))
+            if self._commit_job is None:
+                self._commit_job = _io_executor().submit(self._commit_batches)
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # The save may still land: its outcome comes first, so the user's next operation comes after it.
+            while not done.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(done)
+            if not done.cancelled():
+                done.exception()  # retrieved here, so asyncio does not log it as lost
+            raise
+
+    def _commit_batches(self) -> None:
+        """In the I/O pool: append what is queued, sync, tell the savers; again until nothing is queued."""
+        while True:
+            with _registry_lock:
+                batch, self._queue = self._queue, []
+                if not batch:
+                    self._commit_job = None
+                    return
+            entries = [(key, (data,)) for key, data, _ in batch]
+            error: BaseException | None = None
             try:
-                _write_at_sync(journal.fd, entry, journal.size)
+                self._append(b"".join(_journal_entry(key, newer[0]) for key, newer in entries), entries)
+            except BaseException as exc:
+                error = exc
+            # Each saver is told on its own loop: one asyncio.run() may end and another begin while a
+            # job runs, and a save of the new loop must not be settled on the closed one.
+            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+            for _, _, done in batch:
+                by_loop.setdefault(done.get_loop(), []).append(done)
+            for loop, futures in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # a loop closed meanwhile has no one to tell
+                    loop.call_soon_threadsafe(_settle, futures, error)
+
+    def _append(self, data: bytes, entries: list[tuple[str, _Newer]]) -> None:
+        """Append data, make it durable, then make its entries pending; OSError (and nothing appended) otherwise."""
+        with self._append_lock:
+            if self._broken is not None:
+                raise JasonError(f"the journal of {self.folder} failed earlier ({self._broken}); nothing more is "
+                                 "saved. Close this JASON and open the folder again: opening replays the journal")
+            journal = self._file
+            try:
+                _write_at_sync(journal.fd, data, journal.size)
             except BaseException as exc:
                 try:  # zeros end the journal there, as before the append: the next entry goes in its place
-                    _write_at_sync(journal.fd, bytes(len(entry)), journal.size)
+                    _write_at_sync(journal.fd, bytes(len(data)), journal.size)
                 except OSError:
-                    self.broken = f"an append failed ({exc}) and could not be undone"
+                    self._broken = f"an append failed ({exc}) and could not be undone"
                 raise
-            journal.size += len(entry)
+            journal.size += len(data)
+            journal.holds_entries = True
             with journal.idle:
                 journal.appending += 1
         try:
             journal.sync.sync_after_change()
-            when_durable()
+            with self._pending_lock:
+                self._pending.update(entries)
         except OSError as exc:
             # After a failed fdatasync the kernel may have dropped the pages: a later one succeeding
             # would prove nothing about this entry, so no save may be reported durable any more.
-            self.broken = f"fdatasync failed: {exc}"
+            self._broken = f"fdatasync failed: {exc}"
             raise
         finally:
             with journal.idle:
                 journal.appending -= 1
                 journal.idle.notify_all()
+        self._schedule_checkpoint(journal.size >= JOURNAL_CHECKPOINT_BYTES)
 
-    def rotate(self) -> _JournalFile:
+    # ---- what the journal holds that the files do not
+
+    def newer(self, key: str) -> _Newer | None:
+        with self._pending_lock:
+            return self._pending.get(key)
+
+    def newer_all(self) -> dict[str, bytes | None]:
+        with self._pending_lock:
+            return {key: newer[0] for key, newer in self._pending.items()}
+
+    # ---- checkpoints
+
+    def _schedule_checkpoint(self, now: bool) -> None:
+        with self._due:
+            soonest = time.monotonic() + (0 if now else JOURNAL_CHECKPOINT_SECONDS)
+            if self._due_at is None or soonest < self._due_at:
+                self._due_at = soonest
+                self._due.notify()
+
+    def _checkpoint_loop(self) -> None:
+        """The journal's own thread: a checkpoint whenever one is due, until the journal is closed."""
+        while True:
+            with self._due:
+                while not self._closed and (self._due_at is None or self._due_at > time.monotonic()):
+                    self._due.wait(None if self._due_at is None else self._due_at - time.monotonic())
+                if self._closed:
+                    return
+                self._due_at = None
+            try:
+                self.checkpoint_sync()
+            except Exception as exc:  # the journal keeps every save; try again later
+                _log.error("checkpoint of %s failed (%s); the journal keeps every save, and the next checkpoint "
+                           "tries again", self.folder, exc)
+                self._schedule_checkpoint(now=False)
+
+    def checkpoint_sync(self) -> None:
+        """Write every pending record to its file, durably, then delete the journal that held them."""
+        with self._checkpoint_lock:
+            if self._closed or not (self._old is not None or self._pending or self._file.holds_entries):
+                return
+            if self._old is None:  # else a checkpoint cut short set one aside: finish it first
+                self._rotate()
+            with self._pending_lock:
+                snapshot = list(self._pending.items())
+            durable_each = _syncfs_function() is None  # else one syncfs makes them all durable: far cheaper
+            # In threads of their own: the saves and loads under way never queue behind a checkpoint.
+            # Every write ends before the checkpoint does, failed or not: one left running could land
+            # an old record after the next checkpoint wrote a newer one.
+            writes = [_checkpoint_executor().submit(self._apply, key, newer, durable_each) for key, newer in snapshot]
+            concurrent.futures.wait(writes)
+            for write in writes:
+                write.result()
+            if not durable_each:
+                _syncfs(self.folder)
+            old, self._old = self._old, None
+            assert old is not None
+            os.close(old.fd)
+            os.unlink(self.checkpointing_path)
+            _fsync_dir(self.folder)
+
+    def _rotate(self) -> None:
         """Start a new journal for the saves to come; the old one is renamed aside for the checkpoint."""
         with self._append_lock:
-            old = self.file
+            old = self._file
             os.replace(self.path, self.checkpointing_path)
+            self._old = old  # recorded before anything else can fail: the next checkpoint finishes it
             try:
-                self.file = _JournalFile(self.path)
+                self._file = _JournalFile(self.path)
                 _fsync_dir(self.folder)  # the rename and the new journal, together
             except OSError as exc:
-                self.broken = f"a new journal could not be started: {exc}"
+                self._broken = f"a new journal could not be started: {exc}"
                 raise
         with old.idle:  # every save appended to it has finished: durable and pending, or failed
             while old.appending:
                 old.idle.wait()
-        return old
 
-    def retire(self, old: _JournalFile) -> None:
-        """The checkpoint wrote every record it held: delete it."""
-        os.close(old.fd)
-        os.unlink(self.checkpointing_path)
-        _fsync_dir(self.folder)
+    def _apply(self, key: str, newer: _Newer, durable_each: bool) -> None:
+        """Write one pending record to its file; durable only once the checkpoint's sync has run."""
+        data = newer[0]
+        if data is None:
+            _delete_sync(self.folder, _file_name(key), durable_each)
+        else:
+            _write_atomic_sync(self.folder, _file_name(key), data, durable_each, self._folder_sync)
+        with self._pending_lock:
+            if self._pending.get(key) is newer:  # not saved again meanwhile; the journal still has it
+                del self._pending[key]
 
-    def close(self) -> None:
-        """After the last checkpoint: the current journal is empty; delete it."""
-        os.close(self.file.fd)
-        os.unlink(self.path)
-        _fsync_dir(self.folder)
+    # ---- the end
+
+    def finish_sync(self) -> None:
+        """At close: wait for the commits under way, then checkpoint what is pending (blocking)."""
+        while True:
+            with _registry_lock:
+                job = self._commit_job
+            if job is None:
+                break
+            concurrent.futures.wait([job])
+        self.checkpoint_sync()
+
+    def delete_if_idle(self) -> bool:
+        """Under _registry_lock: delete the journal if it holds nothing and nothing is queued; True if deleted."""
+        with self._checkpoint_lock, self._append_lock:
+            if (self._queue or self._commit_job is not None or self._pending or self._old is not None
+                    or self._file.holds_entries):
+                return False
+            self._stop()
+            os.unlink(self.path)
+            _fsync_dir(self.folder)
+            return True
+
+    def abandon(self) -> None:
+        """Under _registry_lock, after a failed last checkpoint: stop, and leave the journal for the next open."""
+        with self._checkpoint_lock, self._append_lock:
+            self._stop()
+            if self._old is not None and self._old is not self._file:  # the same when no new journal could start
+                os.close(self._old.fd)
+
+    def _stop(self) -> None:
+        with self._due:
+            self._closed = True
+            self._due.notify()
+        os.close(self._file.fd)
 
 
 class _JournalReader:
     """What the writer's journals hold, for a reader in another process: newer than the files.
 
-    Each journal is read from where the last read stopped, as long as it is the
-    same file (inode); the current one is opened before the one being
-    checkpointed, so a rename between the two opens shows the entries twice,
-    never not at all.
+    Each journal is read from where the last read stopped, as long as it is
+    the same journal: the same generation, from its header (an inode is no
+    name, since a deleted journal's inode is reused). The current journal is
+    read before the one being checkpointed, and both before any file: a
+    record moves from the current journal to the one set aside, then to its
+    file, before that journal is deleted, so a reader that misses it in one
+    place finds it, as new or newer, in the next.
     """
 
     def __init__(self, folder: str) -> None:
         self._paths = _journal_paths(folder)
-        self._seen: dict[str, tuple[int, int, dict[str, bytes | None]]] = {}  # path -> (inode, offset, latest)
+        self._seen: dict[bytes, tuple[int, dict[str, bytes | None]]] = {}  # generation -> (offset, latest)
         self._lock = threading.Lock()
 
-    def latest(self) -> dict[str, bytes | None]:
-        """key -> the newest record (None: deleted) in the journals, as of this call."""
+    def newer(self, key: str) -> _Newer | None:
+        latest = self.newer_all()
+        return (latest[key],) if key in latest else None
+
+    def newer_all(self) -> dict[str, bytes | None]:
+        """key -> the newest record (None: deleted) in the journals, as of this call (blocking)."""
         checkpointing, current = self._paths
         with self._lock:
-            newest = self._read(current)
-            merged = dict(self._read(checkpointing))
-            merged.update(newest)
+            seen: dict[bytes, tuple[int, dict[str, bytes | None]]] = {}
+            newest = self._read(current, seen)
+            merged = {**self._read(checkpointing, seen), **newest}
+            self._seen = seen  # journals gone since the last call are forgotten
             return merged
 
-    def _read(self, path: str) -> dict[str, bytes | None]:
-        try:
-            fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW)
-        except FileNotFoundError:
-            self._seen.pop(path, None)
+    def _read(self, path: str, seen: dict[bytes, tuple[int, dict[str, bytes | None]]]) -> dict[str, bytes | None]:
+        fd = _open_journal_sync(path)
+        if fd is None:
             return {}
         try:
-            inode = os.fstat(fd).st_ino
-            seen_inode, offset, latest = self._seen.get(path, (inode, 0, {}))
-            if seen_inode != inode:
-                offset, latest = 0, {}
+            generation, start = _journal_generation_sync(fd)
+            offset, latest = self._seen.get(generation, (start, {})) if generation is not None else (start, {})
             entries, end = _read_journal_sync(fd, offset)
         finally:
             os.close(fd)
         latest = {**latest, **dict(entries)}
-        self._seen[path] = (inode, end, latest)
+        if generation is not None:
+            seen[generation] = (end, latest)
         return latest
 
 
@@ -1249,27 +1481,18 @@ class _SharedFolder:
     One writer lock (flock is per open file, so a second open in the same
     process would lock itself out), one lock registry (so two instances never
     write one user at once), the caches (so a save through one drops the
-    stale copy from the others'), and the writes under way in threads, so
-    that the writer lock is released only after the last of them has landed.
+    stale copy from the others'), the journal with journal=True, and the
+    writes under way in threads, so that the writer lock is released only
+    after the last of them has landed.
     """
 
-    def __init__(self, folder: str, lock_fd: int, journal: _Journal | None) -> None:
+    def __init__(self, folder: str, lock_fd: int, journal: bool) -> None:
         self.folder = folder
         self.lock_fd: int | None = lock_fd
-        # journal=True: the saves the journal holds that the files do not have yet, by key: (data,),
-        # (None,) for a delete; a fresh tuple per save, so a checkpoint can tell a newer one apart.
-        self.journal = journal
-        self.pending: dict[str, tuple[bytes | None]] = {}
-        self.pending_lock = threading.Lock()  # appends set entries from I/O threads
-        self.checkpointing: _JournalFile | None = None  # renamed aside, not yet retired
-        self.checkpoint_task: asyncio.Future[None] | None = None
-        self.checkpoint_timer: asyncio.TimerHandle | None = None
-        self.commit_queue: list[tuple[str, bytes | None, asyncio.Future[None]]] = []  # under _registry_lock
-        self.committing = False
-        self.finishing = False
         self.locks = _UserLocks()
         self.named_locks = _UserLocks()  # exclusive(): names, never user ids, so a registry of their own
         self.folder_sync = _GroupSync(functools.partial(_fsync_dir, folder))
+        self.journal = _Journal(folder, self.folder_sync) if journal else None
         self.stores: weakref.WeakSet[_FolderStore] = weakref.WeakSet()
         self.caches: weakref.WeakSet[_RecordCache] = weakref.WeakSet()
         self.writes: set[concurrent.futures.Future[Any]] = set()
@@ -1294,7 +1517,11 @@ class _SharedFolder:
             self.writes.discard(running)
 
     async def detach(self, store: _FolderStore) -> None:
-        """Forget store; when it was the last, wait for every write under way, then release the lock."""
+        """Forget store; when it was the last, finish every write and the journal, then release the lock.
+
+        An instance may open the folder while this one finishes: it then keeps
+        the lock and the journal, and nothing it saves is deleted with them.
+        """
         with _registry_lock:
             self.stores.discard(store)
             if self.stores:
@@ -1302,174 +1529,45 @@ class _SharedFolder:
         while True:
             with _registry_lock:
                 writes = list(self.writes)
-            if not writes:
-                break
-            await _wait_for_futures(writes)
-        failure: BaseException | None = None
+            if writes:
+                await _wait_for_futures(writes)
+            elif await _in_thread(self._finish_sync):
+                return
+
+    def _finish_sync(self) -> bool:
+        """The last instance's close, blocking: the last checkpoint, then the journal and the lock go.
+
+        False when writes came in meanwhile and it must run again; True when
+        done, or when an instance opened meanwhile and goes on with it all.
+        """
+        failure: OSError | None = None
         if self.journal is not None:
             try:
-                await self.finish_journal()
+                self.journal.finish_sync()
             except OSError as exc:  # the journal stays, and the next open replays it
                 failure = exc
-            with _registry_lock:
-                if self.stores:  # an instance joined while the last checkpoint ran: it needs a journal
-                    self.journal = _Journal(self.folder)
-                    self.finishing = False
-        try:
+        with _registry_lock:
+            if self.stores:
+                return True
+            if self.writes:
+                return False
+            if self.journal is not None:
+                if failure is not None:
+                    self.journal.abandon()
+                elif not self.journal.delete_if_idle():
+                    return False  # saves came in while the last checkpoint ran
             self._release_lock()
-        finally:
-            if failure is not None:
-                raise failure
+        if failure is not None:
+            raise failure
+        return True
 
     def _release_lock(self) -> None:
-        with _registry_lock:
-            # A new instance may have joined while we waited: then it keeps the lock.
-            if self.stores or _shared_folders.get(self.folder) is not self:
-                return
+        """Under _registry_lock: forget the folder and close the lock file, which releases flock."""
+        if _shared_folders.get(self.folder) is self:
             del _shared_folders[self.folder]
-            if self.lock_fd is not None:
-                os.close(self.lock_fd)  # closing the only descriptor releases flock
-                self.lock_fd = None
-
-    # ---- the journal (journal=True)
-
-    async def commit(self, store: _FolderStore, operation: str, key: str, data: bytes | None) -> None:
-        """Journal a save (data None: a delete); return once it is durable.
-
-        The saves that arrive together are appended by one job in the I/O pool
-        with one write and one fdatasync, and the job takes whatever arrived
-        meanwhile next: per save, the loop only queues it and is told once.
-        """
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        with _registry_lock:  # as start_write: refused here, or committed before close() lets the folder go
-            store.check_writable(operation)
-            self.commit_queue.append((key, data, done))
-            if not self.committing:
-                self.committing = True
-                running = _io_executor().submit(self._commit_batches, loop)
-                self.writes.add(running)
-                running.add_done_callback(self._write_done)
-        try:
-            await asyncio.shield(done)
-        except asyncio.CancelledError:
-            # The save may still land: its outcome comes first, so the user's next operation comes after it.
-            while not done.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(done)
-            if not done.cancelled():
-                done.exception()  # retrieved here, so asyncio does not log it as lost
-            raise
-
-    def _commit_batches(self, loop: asyncio.AbstractEventLoop) -> None:
-        """In the I/O pool: append what is queued, sync, tell the savers; again until nothing is queued."""
-        assert self.journal is not None
-        while True:
-            with _registry_lock:
-                batch, self.commit_queue = self.commit_queue, []
-                if not batch:
-                    self.committing = False
-                    return
-            entries = [(key, (data,)) for key, data, _ in batch]
-
-            def when_durable(entries: list[tuple[str, tuple[bytes | None]]] = entries) -> None:
-                with self.pending_lock:
-                    self.pending.update(entries)
-
-            error: BaseException | None = None
-            try:
-                self.journal.append(b"".join(_journal_entry(key, entry[0]) for key, entry in entries), when_durable)
-            except BaseException as exc:
-                error = exc
-            with contextlib.suppress(RuntimeError):  # a loop closed meanwhile has no one to tell
-                loop.call_soon_threadsafe(_settle, [done for _, _, done in batch], error)
-
-    def pending_entry(self, key: str) -> tuple[bytes | None] | None:
-        with self.pending_lock:
-            return self.pending.get(key)
-
-    def schedule_checkpoint(self) -> None:
-        """After a journaled save: a checkpoint soon, or now if the journal is big."""
-        assert self.journal is not None
-        if self.finishing or (self.checkpoint_task is not None and not self.checkpoint_task.done()):
-            return  # when it ends, it schedules the next one for what came in meanwhile
-        if self.journal.file.size >= JOURNAL_CHECKPOINT_BYTES:
-            self._start_checkpoint()
-        elif self.checkpoint_timer is None:
-            self.checkpoint_timer = asyncio.get_running_loop().call_later(
-                JOURNAL_CHECKPOINT_SECONDS, self._start_checkpoint)
-
-    def _start_checkpoint(self) -> None:
-        if self.checkpoint_timer is not None:
-            self.checkpoint_timer.cancel()
-            self.checkpoint_timer = None
-        self.checkpoint_task = asyncio.ensure_future(self.checkpoint())
-        self.checkpoint_task.add_done_callback(self._checkpoint_done)
-
-    def _checkpoint_done(self, task: asyncio.Future[None]) -> None:
-        if task.cancelled():
-            return
-        if task.exception() is not None:
-            _log.error("checkpoint of %s failed (%s); the journal keeps every save, and the next checkpoint "
-                       "tries again", self.folder, task.exception())
-        if self.pending and not self.finishing:
-            self.schedule_checkpoint()
-
-    async def checkpoint(self) -> None:
-        """Write every pending save to its record, durably, then delete the journal that held them."""
-        assert self.journal is not None
-        if self.checkpointing is None:  # else a failed checkpoint left one aside: finish it first
-            self.checkpointing = await _in_thread(self.journal.rotate)
-        with self.pending_lock:
-            snapshot = list(self.pending.items())
-        for start in range(0, len(snapshot), CHECKPOINT_THREADS):
-            batch = snapshot[start:start + CHECKPOINT_THREADS]
-            results = await asyncio.gather(*(self._apply(key, entry) for key, entry in batch), return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-        if _syncfs_function() is not None:
-            await _wait_for_thread(_checkpoint_executor().submit(_syncfs, self.folder))
-        await _in_thread(self.journal.retire, self.checkpointing)
-        self.checkpointing = None
-
-    async def _apply(self, key: str, entry: tuple[bytes | None]) -> None:
-        """Write one pending save to its file; durable only once the checkpoint's sync has run."""
-        data = entry[0]
-        # In threads of their own: the saves and loads under way never queue behind a checkpoint.
-        durable_each = _syncfs_function() is None  # else one syncfs makes them all durable: far cheaper
-        if data is None:
-            await _wait_for_thread(_checkpoint_executor().submit(
-                _delete_sync, self.folder, _file_name(key), durable_each))
-        else:
-            await _wait_for_thread(_checkpoint_executor().submit(
-                _write_atomic_sync, self.folder, _file_name(key), data, durable_each, self.folder_sync))
-        with self.pending_lock:
-            if self.pending.get(key) is entry:  # not saved again meanwhile; the journal still has it
-                del self.pending[key]
-
-    async def finish_journal(self) -> None:
-        """At close: the last checkpoint, then no journal remains."""
-        assert self.journal is not None
-        self.finishing = True  # no checkpoint starts now but the last one, here
-        if self.checkpoint_timer is not None:
-            self.checkpoint_timer.cancel()
-            self.checkpoint_timer = None
-        if self.checkpoint_task is not None:
-            with contextlib.suppress(Exception):
-                await self.checkpoint_task  # its failure was logged; the last checkpoint retries
-        if self.pending or self.checkpointing is not None or self.journal.file.size:
-            await self.checkpoint()
-        await _in_thread(self.journal.close)
-
-
-def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
-    for future in futures:
-        if not future.done():
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(error)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
 
 _shared_folders: dict[str, _SharedFolder] = {}
@@ -1628,14 +1726,16 @@ class _FolderStore:
             self.locks = _UserLocks()
             self._named_locks = _UserLocks()
             self._folder_sync: _GroupSync | None = None
-            self._journal_reader: _JournalReader | None = _JournalReader(self.folder)
+            # What the writer's journal holds that the files do not, if it journals: read before any file.
+            self._newer: _Journal | _JournalReader | None = _JournalReader(self.folder)
+            self._journal: _Journal | None = None
         else:
             _make_folder_sync(self.folder, durable)
-            self._journal_reader = None
             self._shared = self._attach_shared_folder(journal)
             self.locks = self._shared.locks
             self._named_locks = self._shared.named_locks
             self._folder_sync = self._shared.folder_sync
+            self._newer = self._journal = self._shared.journal
 
     def _attach_shared_folder(self, journal: bool) -> _SharedFolder:
         real_folder = os.path.realpath(self.folder)
@@ -1646,7 +1746,7 @@ class _FolderStore:
                 try:
                     # Whatever the mode: a journal left by a writer that died holds saves it returned.
                     _replay_journals_sync(real_folder)
-                    shared = _SharedFolder(real_folder, lock_fd, _Journal(real_folder) if journal else None)
+                    shared = _SharedFolder(real_folder, lock_fd, journal)
                 except BaseException:
                     os.close(lock_fd)
                     raise
@@ -1687,75 +1787,50 @@ class _FolderStore:
             raise ReadOnlyError(self.location, operation)
         return await _wait_for_thread(self._shared.start_write(self, operation, func, *args))
 
-    def _pending(self, key: str) -> tuple[bytes | None] | None:
-        """The journal's newer version of key (a 1-tuple; None inside for a delete), or None."""
-        if self._shared is not None and self._shared.journal is not None:
-            return self._shared.pending_entry(key)
-        return None
+    # The one read path: what the journal holds that the file does not yet, else the file. The
+    # journal is looked at first: a record leaves it only after its file has it.
 
-    def _read_beside_journal_sync(self, key: str) -> bytes | None:
-        """A reader's read: a writer's journal may hold a save its file does not have yet."""
-        assert self._journal_reader is not None
-        latest = self._journal_reader.latest()
-        if key in latest:
-            return latest[key]
-        return _read_record_sync(self._path(key))
+    def _read_sync(self, key: str) -> bytes | None:
+        newer = self._newer.newer(key) if self._newer is not None else None
+        return _read_record_sync(self._path(key)) if newer is None else newer[0]
 
-    def _exists_beside_journal_sync(self, key: str) -> bool:
-        assert self._journal_reader is not None
-        latest = self._journal_reader.latest()
-        if key in latest:
-            return latest[key] is not None
-        return _is_record_sync(self._path(key))
+    def _exists_sync(self, key: str) -> bool:
+        newer = self._newer.newer(key) if self._newer is not None else None
+        return _is_record_sync(self._path(key)) if newer is None else newer[0] is not None
+
+    def _keys_sync(self) -> list[str]:
+        newer = self._newer.newer_all() if self._newer is not None else {}
+        keys = _list_user_keys_sync(self.folder)
+        if not newer:
+            return keys
+        stored = set(keys) | {key for key, data in newer.items() if data is not None}
+        return sorted(stored - {key for key, data in newer.items() if data is None})
 
     async def read(self, key: str) -> bytes | None:
-        pending = self._pending(key)
-        if pending is not None:
-            return pending[0]
-        if self._journal_reader is not None:
-            return await _in_thread(self._read_beside_journal_sync, key)
-        return await _in_thread(_read_record_sync, self._path(key))
+        return await _in_thread(self._read_sync, key)
+
+    async def exists(self, key: str) -> bool:
+        return await _in_thread(self._exists_sync, key)
+
+    async def keys(self) -> list[str]:
+        return await _in_thread(self._keys_sync)
 
     async def write(self, key: str, data: bytes, operation: str) -> None:
-        if self._shared is not None and self._shared.journal is not None:
-            await self._shared.commit(self, operation, key, data)
-            self._shared.schedule_checkpoint()
+        if self._journal is not None:
+            await self._journal.commit(functools.partial(self.check_writable, operation), key, data)
             return
         await self._write_in_thread(
             operation, _write_atomic_sync, self.folder, _file_name(key), data, self.durable, self._folder_sync
         )
 
     async def delete(self, key: str, operation: str) -> bool:
-        if self._shared is not None and self._shared.journal is not None:
+        if self._journal is not None:
             if not await self.exists(key):
                 self.check_writable(operation)
                 return False
-            await self._shared.commit(self, operation, key, None)
-            self._shared.schedule_checkpoint()
+            await self._journal.commit(functools.partial(self.check_writable, operation), key, None)
             return True
         return await self._write_in_thread(operation, _delete_sync, self.folder, _file_name(key), self.durable)
-
-    async def exists(self, key: str) -> bool:
-        pending = self._pending(key)
-        if pending is not None:
-            return pending[0] is not None
-        if self._journal_reader is not None:
-            return await _in_thread(self._exists_beside_journal_sync, key)
-        return await _in_thread(_is_record_sync, self._path(key))
-
-    async def keys(self) -> list[str]:
-        keys = await _in_thread(_list_user_keys_sync, self.folder)
-        if self._shared is not None and self._shared.journal is not None:
-            with self._shared.pending_lock:
-                newer = {key: entry[0] for key, entry in self._shared.pending.items()}
-        elif self._journal_reader is not None:
-            newer = await _in_thread(self._journal_reader.latest)
-        else:
-            return keys
-        if not newer:
-            return keys
-        stored = set(keys) | {key for key, data in newer.items() if data is not None}
-        return sorted(stored - {key for key, data in newer.items() if data is None})
 
     async def quarantine(self, key: str, operation: str) -> str:
         return await self._write_in_thread(operation, _quarantine_sync, self.folder, _file_name(key), self.durable)

@@ -1899,7 +1899,8 @@ class JournalTest(FolderMixin):
             await self.db.save_user_data(1, {"v": 1})
             await until(lambda: self.journals() == [jason.JOURNAL_NAME] and os.path.exists(self.path(1)))
             self.assertEqual(json.loads(read_bytes(self.path(1))), {"v": 1})
-            self.assertEqual(read_bytes(os.path.join(self.folder, jason.JOURNAL_NAME)).strip(b"\0"), b"")  # no entry
+            journal = read_bytes(os.path.join(self.folder, jason.JOURNAL_NAME))
+            self.assertEqual(journal[jason._JOURNAL_FILE_HEADER.size:].strip(b"\0"), b"")  # a header, no entry
             await self.db.save_user_data(1, {"v": 2})
             await self.db.delete_user_data(1)
             await until(lambda: not os.path.exists(self.path(1)))
@@ -2026,6 +2027,38 @@ class JournalTest(FolderMixin):
         self.assertEqual(left.returncode, 1)
         self.assertIn(f"journal: {os.path.join(folder, jason.JOURNAL_NAME)}: saves of a writer", left.stdout)
 
+    async def test_a_long_lived_reader_never_goes_back(self) -> None:
+        # A checkpoint at every save: journals are deleted and made anew between two reads, and the
+        # file system gives a new journal the inode of a deleted one.
+        with mock.patch.object(jason, "JOURNAL_CHECKPOINT_BYTES", 1):
+            async with JASON(self.folder, readonly=True) as reader:
+                seen = -1
+                for v in range(300):
+                    await self.db.save_user_data(1, {"v": v})
+                    if v % 2 == 0:  # when the new journal may have the inode of the one read last
+                        now = (await reader.load_user_data(1))["v"]
+                        self.assertGreaterEqual(now, v, "older than a save that had returned")
+                        self.assertGreaterEqual(now, seen, "older than what this reader saw before")
+                        seen = now
+                    await asyncio.sleep(0.002)  # the checkpoint of that save runs
+
+    async def test_user_ids_and_users_list_every_user_whose_save_had_returned(self) -> None:
+        returned: list[str] = []
+
+        async def create_users() -> None:
+            for user in range(150):
+                await self.db.save_user_data(user, {"n": user})
+                returned.append(str(user))
+
+        with mock.patch.object(jason, "JOURNAL_CHECKPOINT_SECONDS", 0.001):  # checkpoints all the time
+            creating = asyncio.ensure_future(create_users())
+            while not creating.done():
+                before = set(returned)
+                self.assertLessEqual(before, set(await self.db.user_ids()))
+                before = set(returned)
+                self.assertLessEqual(before, {user async for user, _ in self.db.users()})
+            await creating
+
     async def test_the_journal_is_for_durable_saves_to_a_folder(self) -> None:
         with self.assertRaisesRegex(ValueError, "durable=False"):
             JASON(os.path.join(self._tmp.name, "other"), journal=True, durable=False)
@@ -2033,6 +2066,161 @@ class JournalTest(FolderMixin):
             JASON("redis://localhost:1", journal=True)
         with self.assertRaisesRegex(ValueError, "journal=True; every JASON of one folder must use the same"):
             JASON(self.folder)
+
+
+def crash_image(folder: str) -> dict[str, bytes]:
+    """The records and journals as a SIGKILL would leave them: what is in the folder now."""
+    image = {}
+    for name in os.listdir(folder):
+        if name.endswith(".json") or name.startswith(jason.JOURNAL_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                image[name] = read_bytes(os.path.join(folder, name))
+    return image
+
+
+async def recovered_records(image: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """What a bot finds when it opens a folder holding image: the journals replayed."""
+    with tempfile.TemporaryDirectory() as folder:
+        for name, content in image.items():
+            with open(os.path.join(folder, name), "wb") as file:
+                file.write(content)
+        async with JASON(folder) as db:
+            return {user: await db.load_user_data(user) for user in await db.user_ids()}
+
+
+class JournalLifecycleTest(unittest.TestCase):
+    """The journal across event loops, instances that come and go, and hostile folder content."""
+
+    def setUp(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="jason-journal-")
+        self.addCleanup(self._tmp.cleanup)
+        self.folder = os.path.join(self._tmp.name, "users")
+
+    def test_a_checkpoint_cut_short_by_the_end_of_its_event_loop_loses_no_save(self) -> None:
+        images: list[tuple[dict[str, bytes], dict[str, int]]] = []
+        returned: dict[str, int] = {}
+        real_replace = os.replace
+
+        def replace_then_image(source: Any, target: Any) -> None:  # a SIGKILL right after each rotation
+            real_replace(source, target)
+            if str(target).endswith(jason.JOURNAL_CHECKPOINTING_NAME):
+                images.append((crash_image(self.folder), dict(returned)))
+
+        async def saves(db: JASON, first: int) -> None:
+            for n in range(first, first + 25):
+                await db.save_user_data(n % 5, {"n": n})
+                returned[str(n % 5)] = n
+
+        # Every save makes the journal "big": a checkpoint starts at once, and the loop ends during it.
+        with mock.patch.object(jason, "JOURNAL_CHECKPOINT_BYTES", 1), mock.patch("os.replace", replace_then_image):
+            db = JASON(self.folder, journal=True)
+            asyncio.run(saves(db, 0))
+            asyncio.run(saves(db, 25))
+            asyncio.run(db.close())
+        self.assertGreater(len(images), 1)
+        for image, expected in images:
+            self.assertEqual({user: record["n"] for user, record in asyncio.run(recovered_records(image)).items()},
+                             expected)
+        self.assertEqual({user: record["n"] for user, record in read_folder(self.folder).items()}, returned)
+
+    def test_checkpoints_go_on_in_a_second_event_loop(self) -> None:
+        with mock.patch.object(jason, "JOURNAL_CHECKPOINT_SECONDS", 0.05):
+            db = JASON(self.folder, journal=True)
+            asyncio.run(db.save_user_data(1, {"v": 1}))  # the loop ends before the checkpoint is due
+
+            async def second() -> None:
+                await db.save_user_data(2, {"v": 2})
+                await until(lambda: os.path.exists(os.path.join(self.folder, "2.json")), timeout=10)
+                await db.close()
+
+            asyncio.run(second())
+        self.assertEqual(read_folder(self.folder), {"1": {"v": 1}, "2": {"v": 2}})
+
+    def test_a_save_of_a_second_event_loop_returns_when_the_first_loops_commit_takes_it(self) -> None:
+        # In a child, since the save that is never answered hangs its process: the commit job that
+        # served the first loop is held just before it looks for more saves, until the second loop
+        # has queued one. That save must be answered on its own loop.
+        result = run_child("""
+            import asyncio, os, sys, threading, jason
+            resume, hold = threading.Event(), threading.Event()
+            real_lock, real_fdatasync = jason._registry_lock, os.fdatasync
+
+            class HeldLock:
+                def __enter__(self):
+                    if threading.current_thread().name.startswith("jason-io") and hold.is_set():
+                        hold.clear()
+                        resume.wait(30)
+                    real_lock.acquire()
+
+                def __exit__(self, *exc_info):
+                    real_lock.release()
+
+            def fdatasync_then_hold(fd):
+                real_fdatasync(fd)
+                hold.set()
+
+            jason._registry_lock, os.fdatasync = HeldLock(), fdatasync_then_hold
+            db = jason.JASON(sys.argv[1], journal=True)
+
+            async def second():
+                saving = asyncio.ensure_future(db.save_user_data(2, {"v": 2}))
+                await asyncio.sleep(0.05)  # queued behind the held job
+                resume.set()
+                await saving
+                await db.close()
+
+            asyncio.run(db.save_user_data(1, {"v": 1}))
+            asyncio.run(second())
+            print("done")
+        """, self.folder, timeout=30)
+        self.assertEqual(result.stdout.strip(), "done", result.stderr)
+        self.assertEqual(read_folder(self.folder), {"1": {"v": 1}, "2": {"v": 2}})
+
+    def test_a_save_through_an_instance_opened_while_the_last_one_closes_is_never_deleted(self) -> None:
+        async def trial(round_number: int) -> None:
+            folder = os.path.join(self._tmp.name, f"closing{round_number}")
+            first = JASON(folder, journal=True)
+            await asyncio.gather(*(first.save_user_data(user, {"v": 1}) for user in range(20)))
+            closing = asyncio.ensure_future(first.close())
+            for _ in range(round_number):
+                await asyncio.sleep(0)
+            second = JASON(folder, journal=True)
+            await second.save_user_data("late", {"v": round_number})  # returned: durable from here on
+            await closing
+            image = crash_image(folder)  # as a SIGKILL now would leave the folder
+            self.assertEqual((await recovered_records(image)).get("late"), {"v": round_number})
+            await second.close()
+            self.assertEqual((await asyncio.to_thread(read_folder, folder))["late"], {"v": round_number})
+
+        for round_number in range(10):
+            with self.subTest(round=round_number):
+                asyncio.run(trial(round_number))
+
+    def test_a_fifo_named_like_the_journal_is_refused_never_waited_on(self) -> None:
+        os.mkdir(self.folder)
+        for name in (jason.JOURNAL_NAME, jason.JOURNAL_CHECKPOINTING_NAME):
+            with self.subTest(name=name):
+                path = os.path.join(self.folder, name)
+                os.mkfifo(path)
+                try:
+                    for mode in ("writer", "journal", "reader"):
+                        opened = run_child("""
+                            import asyncio, sys, jason
+                            async def main(folder, mode):
+                                async with jason.JASON(folder, readonly=mode == "reader",
+                                                       journal=mode == "journal") as db:
+                                    await db.load_user_data(1)
+                            try:
+                                asyncio.run(main(*sys.argv[1:]))
+                            except jason.JasonError as exc:
+                                print(exc)
+                        """, self.folder, mode, timeout=20)
+                        self.assertIn("is not a regular file", opened.stdout, (mode, opened.stderr))
+                    listed = run_cli(self.folder, "ls", timeout=20)
+                    self.assertEqual(listed.returncode, 1, listed.stderr)
+                    self.assertIn("is not a regular file", listed.stderr)
+                finally:
+                    os.unlink(path)
 
 
 class LockFileTest(unittest.TestCase):
@@ -3043,6 +3231,40 @@ TRACED_TEMP_NAME = jason.TEMP_PREFIX + "0" * 16
 OLD_RECORD = b'{"version":"old"}'
 NEW_RECORD = b'{"version":"new"}'
 RENAME_CALLS = ("rename", "renameat", "renameat2")
+TRACED_JOURNAL_SAVE = """
+import asyncio, concurrent.futures, functools, os, secrets, sys, jason
+folder, marker = sys.argv[1], sys.argv[2]
+secrets.token_hex = lambda nbytes=None: "0" * 16  # a known temp name, so strace -P selects this save alone
+# strace counts a syscall's calls per thread: one thread does every traced call, so each has a number of its own.
+jason.IO_THREADS, jason.JOURNAL_CHECKPOINT_SECONDS = 1, 3600  # the checkpoint is close()'s
+
+class Inline:
+    def submit(self, function, *args):
+        done = concurrent.futures.Future()
+        try:
+            done.set_result(function(*args))
+        except BaseException as exc:
+            done.set_exception(exc)
+        return done
+
+jason._checkpoint_executor = Inline
+async def main():
+    loop = asyncio.get_running_loop()
+    db = await loop.run_in_executor(jason._io_executor(), functools.partial(jason.JASON, folder, journal=True))
+    try:
+        await db.save_user_data(1, {"version": "new"})
+        print("saved", flush=True)
+        os.close(os.open(marker, os.O_RDONLY | os.O_CREAT))  # the trace shows where the save returned
+    finally:
+        await db.close()  # the last checkpoint
+try:
+    asyncio.run(main())
+except OSError as exc:
+    print("error", exc.errno)
+    sys.exit(3)
+print("closed")
+"""
+JOURNAL_CALLS = "openat,open,write,pwrite64,fsync,fdatasync,syncfs,unlink,unlinkat," + ",".join(RENAME_CALLS)
 
 
 def strace_works() -> bool:
@@ -3147,10 +3369,97 @@ class SyscallTest(unittest.TestCase):
                     self.fail(f"{syscall} {action}: the save never completed")
                 self.assertGreater(hits, 0, f"{syscall} {action}: no injection landed in the save")
 
-    def uses_syscall(self, call: str) -> bool:
+    # ---- the same proofs for journal=True: a save is an append and an fdatasync; close checkpoints it
+
+    def traced_journal_save(self, *strace_options: str, marker: str | None = None) -> \
+            subprocess.CompletedProcess[str]:
+        checkpointing, journal = jason._journal_paths(self.folder)
+        command = ["strace", "-f", "-qq", "-y", *strace_options]
+        for path in [os.path.join(self.folder, TRACED_TEMP_NAME), self.folder, self.record, journal, checkpointing,
+                     *([marker] if marker else [])]:
+            command += ["-P", path]
+        command += [sys.executable, "-c", TRACED_JOURNAL_SAVE, self.folder, marker or os.devnull]
+        return subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT, env=child_env())
+
+    def test_a_journaled_save_is_synced_before_it_returns_and_its_journal_deleted_only_after_the_record(self) -> None:
+        trace_path = os.path.join(self._tmp.name, "trace.txt")
+        marker = os.path.join(self._tmp.name, "returned")
+        result = self.traced_journal_save("-o", trace_path, "-e", f"trace={JOURNAL_CALLS}", marker=marker)
+        self.assertEqual(result.stdout.split(), ["saved", "closed"], result.stderr)
+        names = {os.path.join(self.folder, TRACED_TEMP_NAME): "temp", self.record: "record", marker: "returned",
+                 os.path.join(self.folder, jason.JOURNAL_CHECKPOINTING_NAME): "checkpoint",
+                 os.path.join(self.folder, jason.JOURNAL_NAME): "journal", self.folder: "folder"}
+        steps: list[str] = []
+        with open(trace_path, encoding="utf-8") as trace:
+            for line in trace:
+                match = re.match(r"\s*\d+\s+(\w+)\((.*)\)\s+= (-?\d+)", line)
+                if not match or match[3] == "-1":  # the replay's look for journals left behind finds none
+                    continue
+                call, args, _ = match.groups()
+                # Paths as strace shows them: "quoted", or <after a descriptor>.
+                touched = [names[path] for pair in re.findall(r'"([^"]+)"|<([^>]+)>', args) for path in pair
+                           if path in names]
+                if call in RENAME_CALLS:
+                    step = f"rename {touched[0]} -> {touched[1]}" if len(touched) == 2 else call
+                else:
+                    step = f"{call.replace('openat', 'open')} {touched[0]}"
+                if step == "open returned":
+                    step = "returned"
+                if not steps or steps[-1] != step:
+                    steps.append(step)
+        self.assertEqual(steps, [
+            "open journal", "pwrite64 journal", "open folder", "fsync folder",  # a new journal, durable
+            "pwrite64 journal", "fdatasync journal", "returned",  # the save: one append, one sync
+            "rename journal -> checkpoint", "open journal", "pwrite64 journal", "open folder", "fsync folder",
+            "open temp", "write temp", "rename temp -> record",  # the checkpoint writes the record
+            "open folder", "syncfs folder",  # makes it durable
+            "unlink checkpoint", "open folder", "fsync folder",  # and only then deletes the old journal
+            "unlink journal", "open folder", "fsync folder",  # close: the empty journal goes too
+        ])
+        with open(self.record, "rb") as file:
+            self.assertEqual(file.read(), NEW_RECORD)
+
+    @slow
+    def test_a_crash_or_failure_at_every_step_of_a_journaled_save_and_its_checkpoint_leaves_old_or_new(self) -> None:
+        for syscall in ("openat", "pwrite64", "fdatasync", "fsync", "rename", "syncfs", "unlink"):
+            if not self.uses_syscall(syscall, journal=True):
+                continue
+            for action in ("signal=KILL", "error=EIO"):
+                hits = 0
+                for when in range(1, 30):
+                    with self.subTest(syscall=syscall, action=action, when=when):
+                        self.reset()
+                        result = self.traced_journal_save(
+                            "-o", os.devnull, "-e", f"trace={syscall}", "-e", f"inject={syscall}:{action}:when={when}",
+                        )
+                        words = result.stdout.split()
+                        if action == "signal=KILL" and words[-1:] != ["closed"]:
+                            self.assertEqual(result.returncode, -signal.SIGKILL, result.stderr)
+                        elif words[-1:] != ["closed"]:
+                            self.assertEqual(words[-2:], ["error", str(errno.EIO)], result.stderr)
+                        recovered = asyncio.run(self.reopened_record())  # replays what journal remains
+                        self.assertIn(recovered, (OLD_RECORD, NEW_RECORD))
+                        if "saved" in words:
+                            self.assertEqual(recovered, NEW_RECORD, "a save that returned was lost")
+                        if action == "error=EIO":  # a killed save leaves its temp file, as documented
+                            self.assertEqual(temp_files(self.folder), [])
+                        if words[-1:] == ["closed"]:
+                            break
+                        hits += 1
+                else:
+                    self.fail(f"{syscall} {action}: the save never completed")
+                self.assertGreater(hits, 0, f"{syscall} {action}: no injection landed in the save")
+
+    async def reopened_record(self) -> bytes:
+        async with JASON(self.folder) as db:  # a writer: it replays the journals first
+            await db.user_ids()
+        with open(self.record, "rb") as file:
+            return file.read()
+
+    def uses_syscall(self, call: str, journal: bool = False) -> bool:
         self.reset()
         trace_path = os.path.join(self._tmp.name, "probe.txt")
-        self.traced_save("-o", trace_path, "-e", f"trace={call}")
+        (self.traced_journal_save if journal else self.traced_save)("-o", trace_path, "-e", f"trace={call}")
         with open(trace_path, encoding="utf-8") as trace:
             return any(re.match(rf"\s*\d+\s+{call}\(", line) for line in trace)
 
@@ -3374,20 +3683,11 @@ class PowerCutTest(FolderMixin):
         self.assertTrue(any(name.startswith(jason.JOURNAL_NAME) for image, _ in after for name in image))
         self.assertFalse([name for name in after[-1][0] if name.startswith(jason.JOURNAL_NAME)])  # close: none left
         for image, expected in after:
-            self.assertEqual(await self.recovered(image), expected)
+            self.assertEqual(await recovered_records(image), expected)
         for image, expected, maybe_newer in during:  # a save under way may or may not have made it
-            recovered = await self.recovered(image)
+            recovered = await recovered_records(image)
             for user in set(expected) | set(maybe_newer):
                 self.assertIn(recovered.get(user), [expected.get(user), maybe_newer.get(user)], user)
-
-    async def recovered(self, image: dict[str, bytes]) -> dict[str, dict[str, Any]]:
-        """What a bot finds when it opens the folder after the power cut: the journals replayed."""
-        with tempfile.TemporaryDirectory() as folder:
-            for name, content in image.items():
-                with open(os.path.join(folder, name), "wb") as file:
-                    file.write(content)
-            async with JASON(folder) as db:
-                return {user: await db.load_user_data(user) for user in await db.user_ids()}
 
     def assert_old_or_new(self, image: dict[str, bytes], versions: dict[str, list[bytes]]) -> None:
         for name, content in image.items():
