@@ -50,6 +50,7 @@ __version__ = "1.0.0"
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import errno
 import functools
 import importlib.util
@@ -1687,8 +1688,15 @@ class _Store(Protocol):
     def transaction(self, key: str) -> contextlib.AbstractAsyncContextManager[Any]: ...
     # Hold a named lock that every process sharing these records respects (aiogram's event isolation).
     def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[None]: ...
+    # A write's turn, taken before the user's lock: where writes share a few connections, so many wait.
+    def admit(self) -> contextlib.AbstractAsyncContextManager[None]: ...
 
     async def close(self) -> None: ...  # after the writes under way
+
+
+@contextlib.asynccontextmanager
+async def _no_wait() -> AsyncIterator[None]:
+    yield
 
 
 def _check_open_for_writing(location: str, closed: bool, readonly: bool, operation: str) -> None:
@@ -1844,6 +1852,9 @@ class _FolderStore:
         # A folder has one writer process, so a lock in this process excludes every writer.
         return self._named_locks.hold(name)
 
+    def admit(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return _no_wait()  # a write here waits for nothing that another write could hold
+
     async def close(self) -> None:
         with _registry_lock:  # a write is either registered before this, and waited for, or refused
             self.closed = True
@@ -1871,6 +1882,20 @@ _NAMESPACE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
 EDIT_LOCK_SECONDS: Final = 30
 
 
+# A PostgreSQL location keeps a pool of this many connections per event loop; an open edit holds
+# one for as long as its block runs, and at most this many saves, edits and deletes run at once
+# (more wait their turn, holding nothing). What runs inside an edit (a load or an edit of another
+# user) has a second pool of this size, and exclusive()'s locks a third.
+POSTGRES_POOL_SIZE: Final = 16
+# Inside an edit, a call waits at most this long for a connection of the second pool, then opens
+# one of its own: it must never wait for an edit to end, since that edit may be waiting for it.
+NESTED_POOL_WAIT_SECONDS: Final = 0.05
+# Set for the task running a write (and the tasks it starts): it was admitted, and whether it holds
+# a connection of the records pool. A call made while it holds one is a nested call.
+_ADMITTED: contextvars.ContextVar[bool] = contextvars.ContextVar("jason_admitted", default=False)
+_HOLDING: contextvars.ContextVar[bool] = contextvars.ContextVar("jason_holding", default=False)
+
+
 def _server_kind(location: object) -> str | None:
     """"postgres" or "redis" for a server URL, None for a folder path."""
     if not isinstance(location, str) or "://" not in location:
@@ -1878,16 +1903,21 @@ def _server_kind(location: object) -> str | None:
     return _SERVER_SCHEMES.get(location.split("://", 1)[0].lower())
 
 
-def _redacted(url: str) -> str:
-    """url without its password, fit for messages, repr and logs."""
-    from urllib.parse import urlsplit, urlunsplit
+_URL_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_PASSWORD_PARAMETER: Final = re.compile(r"([?&](?:password|pass|pwd)=)[^&#]*", re.IGNORECASE)
 
-    parts = urlsplit(url)
-    if parts.password is None:
+
+def _redacted(url: str) -> str:
+    """url without its password, fit for messages, repr, logs and names: the user part and any password=."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if "@" in rest:
+        # The user part ends at the last "@": a URL parser is led astray by a password holding "/" or "#".
+        user_part, host = rest.rsplit("@", 1)
+        user = user_part.split(":", 1)[0]
+        rest = f"{user}:***@{host}" if ":" in user_part else rest
+    return f"{scheme}://{_PASSWORD_PARAMETER.sub(lambda m: m[1] + '***', rest)}"
 
 
 def _import_driver(kind: str) -> Any:
@@ -1955,6 +1985,10 @@ class _ServerStore:
         self.locks = _UserLocks()
         self._client: Any = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
+        # close() waits for the plain calls under way (each a statement or two); an edit, or a lock
+        # held by exclusive(), may be what calls close(), so the last of those closes the client instead.
+        self._calls = 0
+        self._calls_done: asyncio.Event | None = None
         self._open_edits = 0
         self._connecting: asyncio.Lock | None = None
         self._connecting_loop: asyncio.AbstractEventLoop | None = None
@@ -1975,6 +2009,9 @@ class _ServerStore:
     def where(self, key: str) -> str:
         return f"{self.location} user {key!r}"
 
+    def admit(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return _no_wait()  # Redis: a connection is held only for one command, never across user code
+
     async def client(self) -> Any:
         """The connection pool or client for the running loop, made once, on first use."""
         loop = asyncio.get_running_loop()
@@ -1994,10 +2031,30 @@ class _ServerStore:
         raise NotImplementedError
 
     async def close(self) -> None:
-        """Close the client once no edit is open; the writes under way finish first."""
+        """Close the client once the calls under way have finished and no edit is open.
+
+        A save that is under way when close() is called finishes and returns;
+        one that starts later is refused and writes nothing.
+        """
         self.closed = True
+        while self._calls:
+            self._calls_done = asyncio.Event()
+            await self._calls_done.wait()
         if self._open_edits == 0:
             await self._release_client()
+
+    @contextlib.asynccontextmanager
+    async def _call(self, operation: str | None = None) -> AsyncIterator[None]:
+        """A plain call, counted for close(); a write (operation given) is checked in the same step."""
+        if operation is not None:
+            self.check_writable(operation)
+        self._calls += 1
+        try:
+            yield
+        finally:
+            self._calls -= 1
+            if self._calls == 0 and self._calls_done is not None:
+                self._calls_done.set()
 
     async def _release_client(self) -> None:
         client, self._client = self._client, None
@@ -2006,7 +2063,7 @@ class _ServerStore:
 
     @contextlib.asynccontextmanager
     async def _counting_edit(self) -> AsyncIterator[None]:
-        """Count an open edit, so that close() never waits for the edit that calls it."""
+        """Count an open edit (or exclusive lock), so that close() never waits for the one that calls it."""
         self._open_edits += 1
         try:
             yield
@@ -2034,8 +2091,8 @@ class _PostgresStore(_ServerStore):
         self._lock_pool: Any = None  # exclusive()'s connections, made with the records pool
 
     async def _connect(self) -> Any:
-        settings = {"synchronous_commit": "on" if self.durable else "off"}
-        pool = await self.driver.create_pool(self.url, min_size=0, max_size=16, server_settings=settings)
+        pool = await self.driver.create_pool(self.url, min_size=0, max_size=POSTGRES_POOL_SIZE,
+                                             server_settings=self._settings())
         if self.durable:
             fsync = await pool.fetchval("SHOW fsync")
             if fsync != "on":
@@ -2044,25 +2101,80 @@ class _PostgresStore(_ServerStore):
                                  "of its machine; turn fsync on in postgresql.conf, or pass durable=False")
         # exclusive() holds a connection for as long as its lock: from a pool of its own, so that
         # holders doing their work through the records pool can never starve each other of connections.
-        # It connects only when first used.
-        self._lock_pool = await self.driver.create_pool(self.url, min_size=0, max_size=16)
+        # Each pool connects only when first used.
+        self._lock_pool = await self.driver.create_pool(self.url, min_size=0, max_size=POSTGRES_POOL_SIZE)
+        self._nested_pool = await self.driver.create_pool(self.url, min_size=0, max_size=POSTGRES_POOL_SIZE,
+                                                          server_settings=self._settings())
+        self._admission = asyncio.Semaphore(POSTGRES_POOL_SIZE)  # made in the loop of the pool
         return pool
+
+    def _settings(self) -> dict[str, str]:
+        return {"synchronous_commit": "on" if self.durable else "off"}
 
     async def _disconnect(self, client: Any) -> None:
         await self._lock_pool.close()
+        await self._nested_pool.close()
         await client.close()
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """A turn for a write, taken before the user's lock: at most POSTGRES_POOL_SIZE run at once.
+
+        A write holds its user's lock while it waits for a connection; with
+        no more writes under way than the pool has connections, one is always
+        free or about to be, however the writes wait for each other's users.
+        """
+        if _ADMITTED.get():  # inside an edit: the edit's turn covers it
+            yield
+            return
+        await self.client()
+        async with self._admission:
+            admitted = _ADMITTED.set(True)
+            try:
+                yield
+            finally:
+                _ADMITTED.reset(admitted)
 
     async def _pool(self, writing: bool = False) -> Any:
         pool = await self.client()
         if writing and not self._schema_ready:
             # Made by the first write, never by a readonly instance. CREATE TABLE IF NOT EXISTS
             # is not atomic: processes making it at once take turns under an advisory lock.
-            async with pool.acquire() as connection, connection.transaction():
+            async with self._connection(pool) as connection, connection.transaction():
                 await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self.table)
                 await connection.execute(
                     f"CREATE TABLE IF NOT EXISTS {self.table} (user_id text PRIMARY KEY, data json)")
             self._schema_ready = True
         return pool
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, pool: Any) -> AsyncIterator[Any]:
+        """A connection of the records pool; inside an edit, one that never waits for an edit to end.
+
+        Outside any edit a call waits its turn for the pool, so a bot with
+        more busy users than connections slows down. Inside an edit (a load or
+        a nested edit of another user, in this task or one it started),
+        waiting could last forever, since every connection may be held by an
+        edit that waits for this one: such a call takes a connection of the
+        second pool, or opens one of its own if none is free at once.
+        """
+        if not _HOLDING.get():
+            async with pool.acquire() as connection:
+                yield connection
+            return
+        try:
+            connection = await self._nested_pool.acquire(timeout=NESTED_POOL_WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            connection = await self.driver.connect(self.url, server_settings=self._settings())
+            try:
+                yield connection
+            finally:
+                await connection.close()
+            return
+        try:
+            yield connection
+        finally:
+            await self._nested_pool.release(connection)
 
     async def _read_with(self, connection: Any, key: str, lock: str = "") -> bytes | None:
         try:
@@ -2073,42 +2185,38 @@ class _PostgresStore(_ServerStore):
         return None if text is None else _with_nul(text.encode("utf-8"))
 
     async def read(self, key: str) -> bytes | None:
-        return await self._read_with(await self._pool(), key)
+        async with self._call(), self._connection(await self._pool()) as connection:
+            return await self._read_with(connection, key)
 
     async def write(self, key: str, data: bytes, operation: str) -> None:
-        self.check_writable(operation)
-        pool = await self._pool(writing=True)
-        await pool.execute(
-            f"INSERT INTO {self.table} (user_id, data) VALUES ($1, $2) "
-            "ON CONFLICT (user_id) DO UPDATE SET data = EXCLUDED.data",
-            _sql_id(key), _without_nul(data).decode("utf-8"),
-        )
+        async with self._call(operation), self._connection(await self._pool(writing=True)) as connection:
+            await _postgres_upsert(connection, self.table, key, data)
 
     async def delete(self, key: str, operation: str) -> bool:
-        self.check_writable(operation)
-        pool = await self._pool(writing=True)
-        status = await pool.execute(f"DELETE FROM {self.table} WHERE user_id = $1 AND data IS NOT NULL",
-                                    _sql_id(key))
+        async with self._call(operation), self._connection(await self._pool(writing=True)) as connection:
+            status = await connection.execute(f"DELETE FROM {self.table} WHERE user_id = $1 AND data IS NOT NULL",
+                                              _sql_id(key))
         return bool(status != "DELETE 0")
 
     async def exists(self, key: str) -> bool:
         return await self.read(key) is not None
 
     async def keys(self) -> list[str]:
-        try:
-            rows = await (await self._pool()).fetch(f"SELECT user_id FROM {self.table} WHERE data IS NOT NULL")
-        except self.driver.UndefinedTableError:
-            return []
+        async with self._call(), self._connection(await self._pool()) as connection:
+            try:
+                rows = await connection.fetch(f"SELECT user_id FROM {self.table} WHERE data IS NOT NULL")
+            except self.driver.UndefinedTableError:
+                return []
         return sorted(_key_from_sql_id(row[0]) for row in rows)
 
     async def quarantine(self, key: str, operation: str, connection: Any = None) -> str:
-        self.check_writable(operation)
-        corrupt = f'"{self.namespace}_corrupt"'
-        pool = await self._pool(writing=True)
         async with contextlib.AsyncExitStack() as stack:
             if connection is None:
-                connection = await stack.enter_async_context(pool.acquire())
+                await stack.enter_async_context(self._call(operation))
+                connection = await stack.enter_async_context(self._connection(await self._pool(writing=True)))
                 await stack.enter_async_context(connection.transaction())
+            self.check_writable(operation)
+            corrupt = f'"{self.namespace}_corrupt"'
             await connection.execute(f"CREATE TABLE IF NOT EXISTS {corrupt} "
                                      "(user_id text, data text, moved_at timestamptz DEFAULT now())")
             await connection.execute(f"INSERT INTO {corrupt} (user_id, data) SELECT user_id, data::text "
@@ -2120,13 +2228,16 @@ class _PostgresStore(_ServerStore):
     async def transaction(self, key: str) -> AsyncIterator[_PostgresEdit]:
         """A transaction holding the user's row lock: other processes' writes of the user wait for it."""
         pool = await self._pool(writing=True)
-        async with self._counting_edit(), pool.acquire() as connection, connection.transaction():
+        async with self._counting_edit(), self._connection(pool) as connection, connection.transaction():
             # A user with no row yet gets one (data NULL), so there is a row to lock; it is
             # never seen by others, since the transaction either stores the record or rolls back.
             await connection.execute(f"INSERT INTO {self.table} (user_id, data) VALUES ($1, NULL) "
                                      "ON CONFLICT (user_id) DO NOTHING", _sql_id(key))
-            yield _PostgresEdit(self, connection)
-
+            holding = _HOLDING.set(True)
+            try:
+                yield _PostgresEdit(self, connection)
+            finally:
+                _HOLDING.reset(holding)
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[None]:
@@ -2136,13 +2247,19 @@ class _PostgresStore(_ServerStore):
         """
         await self.client()
         lock_name = f"{self.namespace}:{name}"
-        async with self._lock_pool.acquire() as connection:
+        async with self._counting_edit(), self._lock_pool.acquire() as connection:
             await connection.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", lock_name)
             try:
                 yield
             finally:
                 # asyncpg's pool also drops a connection's advisory locks when it takes it back.
                 await connection.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", lock_name)
+
+
+async def _postgres_upsert(connection: Any, table: str, key: str, data: bytes) -> None:
+    await connection.execute(f"INSERT INTO {table} (user_id, data) VALUES ($1, $2) "
+                             "ON CONFLICT (user_id) DO UPDATE SET data = EXCLUDED.data",
+                             _sql_id(key), _without_nul(data).decode("utf-8"))
 
 
 class _PostgresEdit:
@@ -2158,9 +2275,7 @@ class _PostgresEdit:
     async def write(self, key: str, data: bytes, operation: str) -> None:
         self.store.check_writable(operation)
         # An upsert, not an UPDATE: a quarantine inside this edit may have moved the row away.
-        await self.connection.execute(f"INSERT INTO {self.store.table} (user_id, data) VALUES ($1, $2) "
-                                      "ON CONFLICT (user_id) DO UPDATE SET data = EXCLUDED.data",
-                                      _sql_id(key), _without_nul(data).decode("utf-8"))
+        await _postgres_upsert(self.connection, self.store.table, key, data)
 
     async def quarantine(self, key: str, operation: str) -> str:
         return await self.store.quarantine(key, operation, self.connection)
@@ -2189,6 +2304,34 @@ _REDIS_RELEASE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+async def _backoff() -> AsyncIterator[None]:
+    """Yield at once, then again and again after waits growing from 2 ms to 50 ms: for a retry loop."""
+    delay = 0.002
+    while True:
+        yield
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+async def _outcome(running: asyncio.Future[_T]) -> _T:
+    """running's result, waited for through cancellation too; a cancellation is raised after it.
+
+    For a step that must not be abandoned half-way: a lock taken or given
+    back on the server, whose caller must know which it was.
+    """
+    cancelled = False
+    while not running.done():
+        try:
+            await asyncio.shield(running)
+        except asyncio.CancelledError:
+            if running.cancelled():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return running.result()
 
 
 class _RedisStore(_ServerStore):
@@ -2248,21 +2391,20 @@ class _RedisStore(_ServerStore):
         return f"{self.namespace}:lock:".encode() + self._field(key)
 
     async def read(self, key: str) -> bytes | None:
-        value: bytes | None = await (await self.client()).hget(self.hash, self._field(key))
+        async with self._call():
+            value: bytes | None = await (await self.client()).hget(self.hash, self._field(key))
         return value
 
     async def _write(self, key: str, data: bytes, operation: str, token: bytes = b"", release: bool = False) -> int:
         """Run the write script, waiting while another process edits the user; its answer."""
-        self.check_writable(operation)
-        await self.client()
-        delay = 0.002
-        while True:
-            done = int(await self._write_script(keys=[self.hash, self._lock_key(key)],
-                                                args=[self._field(key), data, token, b"1" if release else b"0"]))
-            if done != 0:
-                return done
-            await asyncio.sleep(delay)  # another process edits this user: wait for its lock
-            delay = min(delay * 2, 0.05)
+        async with self._call(operation):
+            await self.client()
+            async for _ in _backoff():  # while another process edits this user: wait for its lock
+                done = int(await self._write_script(keys=[self.hash, self._lock_key(key)],
+                                                    args=[self._field(key), data, token, b"1" if release else b"0"]))
+                if done != 0:
+                    return done
+        raise AssertionError("unreachable: _backoff() never ends")
 
     async def write(self, key: str, data: bytes, operation: str) -> None:
         await self._write(key, data, operation)
@@ -2271,18 +2413,21 @@ class _RedisStore(_ServerStore):
         return await self._write(key, b"", operation) == 2
 
     async def exists(self, key: str) -> bool:
-        return bool(await (await self.client()).hexists(self.hash, self._field(key)))
+        async with self._call():
+            return bool(await (await self.client()).hexists(self.hash, self._field(key)))
 
     async def keys(self) -> list[str]:
-        fields = await (await self.client()).hkeys(self.hash)
+        async with self._call():
+            fields = await (await self.client()).hkeys(self.hash)
         return sorted(field.decode("utf-8", "surrogatepass") for field in fields)
 
     async def quarantine(self, key: str, operation: str, token: bytes = b"") -> str:
-        raw = await self.read(key)
-        corrupt = f"{self.namespace}:corrupt".encode()
-        if raw is not None:
-            await (await self.client()).hset(corrupt, self._field(key), raw)
-        await self._write(key, b"", operation, token)
+        async with self._call(operation):
+            raw = await self.read(key)
+            corrupt = f"{self.namespace}:corrupt".encode()
+            if raw is not None:
+                await (await self.client()).hset(corrupt, self._field(key), raw)
+            await self._write(key, b"", operation, token)
         return f"{self.location} hash {corrupt.decode()}"
 
     @contextlib.asynccontextmanager
@@ -2293,7 +2438,7 @@ class _RedisStore(_ServerStore):
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[None]:
-        async with self._lease(f"{self.namespace}:exclusive:".encode() + self._field(name)):
+        async with self._counting_edit(), self._lease(f"{self.namespace}:exclusive:".encode() + self._field(name)):
             yield
 
     @contextlib.asynccontextmanager
@@ -2302,10 +2447,17 @@ class _RedisStore(_ServerStore):
         client = await self.client()
         token = secrets.token_hex(16).encode()
         milliseconds = EDIT_LOCK_SECONDS * 1000
-        delay = 0.002
-        while not await client.set(lock_key, token, nx=True, px=milliseconds):
-            await asyncio.sleep(delay)  # another process holds it
-            delay = min(delay * 2, 0.05)
+        async for _ in _backoff():  # while another process holds it
+            # A SET cut short by a cancellation may still take the lock on the server: its answer is
+            # awaited all the same, and a lock it took is given back before the cancellation goes on.
+            taking = asyncio.ensure_future(client.set(lock_key, token, nx=True, px=milliseconds))
+            try:
+                if await _outcome(taking):
+                    break
+            except asyncio.CancelledError:
+                if not taking.cancelled() and taking.exception() is None and taking.result():
+                    await _outcome(asyncio.ensure_future(self._release_script(keys=[lock_key], args=[token])))
+                raise
 
         async def renew() -> None:
             while True:
@@ -2326,7 +2478,7 @@ class _RedisStore(_ServerStore):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             if not edit.released:  # an edit's write released the lock with the record; else release it now
-                await self._release_script(keys=[lock_key], args=[token])
+                await _outcome(asyncio.ensure_future(self._release_script(keys=[lock_key], args=[token])))
 
 
 class _RedisEdit:
@@ -2355,6 +2507,11 @@ def _open_store(location: str | os.PathLike[str], *, namespace: str, durable: bo
                 journal: bool = False) -> Any:
     """The store for a folder path or a server URL."""
     kind = _server_kind(location)
+    if kind is None and isinstance(location, str) and _URL_SCHEME.match(location):
+        # A misspelt scheme would otherwise be a folder, named after the URL and its password.
+        scheme = location.split("://", 1)[0]
+        raise ValueError(f"{_redacted(location)} looks like a URL, but JASON knows no {scheme}:// location: use "
+                         "postgresql://, postgres://, redis://, rediss:// or unix://, or a folder path")
     if kind is not None and journal:
         raise ValueError("journal=True is for a folder: a server has a log of its own")
     if kind == "postgres":
@@ -2514,7 +2671,7 @@ class JASON(Generic[Record]):
             return await self._load_locked(key, self._store)
         except _WouldDeadlock:  # the holder waits for us: read the record as it is, without the lock
             return await self._read_unlocked(key)
-        async with self._locks.hold(key):
+        async with self._holding(key):
             return await self._load_locked(key, self._store)
 
     async def save_user_data(self, user_id: int | str, data: Record) -> None:
@@ -2655,7 +2812,13 @@ class JASON(Generic[Record]):
                 f"{exc.holder_waits_for!r}, which this task holds. Nothing was changed; edit one user at "
                 "a time, or nest edits of several users in the same order everywhere"
             ) from None
-        return self._locks.hold(key)
+        return self._holding(key)
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, key: str) -> AsyncIterator[None]:
+        """The store's admission for a write (see _PostgresStore.admit), then the user's lock."""
+        async with self._store.admit(), self._locks.hold(key):
+            yield
 
     def _decode(self, key: str, raw: bytes | None) -> dict[str, Any]:
         if raw is None:

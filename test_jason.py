@@ -3013,15 +3013,39 @@ class ServerBackendMixin(_ServerBase):
             self.open_db(namespace="bad name; DROP TABLE x")
 
     async def test_passwords_never_appear_in_errors_or_repr(self) -> None:
-        url = {"postgres": "postgresql://bot:hunter2secret@127.0.0.1:9/db",
-               "redis": "redis://bot:hunter2secret@127.0.0.1:9/0"}[self.backend]
-        db = JASON(url, durable=False)
-        self.assertNotIn("hunter2secret", repr(db) + db.location)
-        self.assertIn("***", db.location)
-        with self.assertRaises(Exception) as caught:
-            await db.load_user_data(1)
-        self.assertNotIn("hunter2secret", f"{caught.exception} {caught.exception!r}")
+        scheme = {"postgres": "postgresql", "redis": "redis"}[self.backend]
+        for url in [f"{scheme}://bot:hunter2secret@127.0.0.1:9/db", f"{scheme}://bot:hun/ter#2secret@127.0.0.1:9/0",
+                    f"{scheme}://bot@127.0.0.1:9/0?password=hunter2secret",
+                    f"{scheme}://bot@127.0.0.1:9/0?db=0&PASSWORD=hunter2secret&x=1"]:
+            with self.subTest(url=url):
+                db = JASON(url, durable=False)
+                self.assertNotRegex(repr(db) + db.location, "hunter|2secret")
+                self.assertIn("***", db.location)
+                with self.assertRaises(Exception) as caught:
+                    await db.load_user_data(1)
+                self.assertNotRegex(f"{caught.exception} {caught.exception!r}", "hunter|2secret")
+                await db.close()
+
+    async def test_close_with_saves_in_flight_stores_exactly_the_saves_that_returned(self) -> None:
+        db = self.open_db()
+        outcome: dict[int, str] = {}
+
+        async def save(user: int) -> None:
+            try:
+                await db.save_user_data(user, {"v": user})
+                outcome[user] = "returned"
+            except JasonError as exc:  # refused: nothing was written
+                self.assertIn("was closed, so nothing was written", str(exc))
+                outcome[user] = "refused"
+
+        await db.save_user_data("warm", {})  # connected: the saves below reach the server at once
+        saves = [asyncio.ensure_future(save(user)) for user in range(200)]
+        await asyncio.sleep(0.005)  # some are under way
         await db.close()
+        await asyncio.gather(*saves)  # any other error fails the test
+        self.assertIn("returned", outcome.values())
+        for user, result in outcome.items():
+            self.assertEqual(await self.stored(user), {"v": user} if result == "returned" else None, (user, result))
 
     def test_a_missing_driver_names_the_command_that_installs_it(self) -> None:
         module, extra = {"postgres": ("asyncpg", "postgres"), "redis": ("redis", "redis")}[self.backend]
@@ -3137,6 +3161,27 @@ class PostgresServerTest(ServerBackendMixin, FolderMixin):
                            f"SELECT user_id FROM {table} WHERE (data->>'challenge_balance')::int > 100")
         self.assertEqual(rows, "rich\n")
 
+    async def test_more_busy_edits_than_connections_slow_down_never_hang(self) -> None:
+        for user in range(40):
+            await self.db.save_user_data(user, {"balance": 100})
+
+        async def edit_and_look(user: int) -> None:  # a load of another user inside an edit
+            async with self.db.edit_user_data(user) as data:
+                data["seen"] = (await self.db.load_user_data(39 - user))["balance"]
+
+        async def transfer(giver: int, taker: int) -> None:  # nested edits, in the same order everywhere
+            first, second = sorted((giver, taker))
+            async with self.db.edit_user_data(first) as a, self.db.edit_user_data(second) as b:
+                (a if first == giver else b)["balance"] -= 10
+                (b if first == giver else a)["balance"] += 10
+
+        await asyncio.wait_for(asyncio.gather(*(edit_and_look(user) for user in range(20))), CHILD_TIMEOUT)
+        await asyncio.wait_for(asyncio.gather(*(transfer(user, (user + 7) % 40) for user in range(40))),
+                               CHILD_TIMEOUT)
+        total = sum([(await self.db.load_user_data(user))["balance"] for user in range(40)])
+        self.assertEqual(total, 4000)
+        self.assertEqual((await self.db.load_user_data(0))["seen"], 100)
+
     async def test_durable_refuses_a_server_without_fsync(self) -> None:
         self.stop_server()
         SERVERS.run(*SERVERS.postgres_start[:-1], "-o", "-c fsync=off", "start")
@@ -3202,6 +3247,35 @@ class RedisServerTest(ServerBackendMixin, FolderMixin):
                 SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "del", lock_key)  # as if it expired
                 data["v"] = "after"
         self.assertEqual(await self.stored(1), {"v": "before"})
+
+    async def test_a_cancelled_edit_never_leaves_its_lock_behind(self) -> None:
+        busy = self.open_db()
+        rng = random.Random(7)
+
+        async def keep_the_server_busy() -> None:
+            while True:
+                await asyncio.gather(*(busy.save_user_data(f"busy{n}", {"n": n}) for n in range(20)))
+
+        noise = asyncio.ensure_future(keep_the_server_busy())
+        try:
+            for _ in range(60):
+                async def edit() -> None:
+                    async with self.db.edit_user_data(1) as data:
+                        data["n"] = data.get("n", 0) + 1
+                task = asyncio.ensure_future(edit())
+                await asyncio.sleep(rng.random() * 0.003)  # often while its SET NX is in flight
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                locks = SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "--scan", "--pattern",
+                                    f"{self.options['namespace']}:lock:*")
+                self.assertEqual(locks.split(), [], "a cancelled edit left its lock behind")
+        finally:
+            noise.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await noise
+        elsewhere = self.open_db()
+        await asyncio.wait_for(elsewhere.save_user_data(1, {"n": -1}), 5)  # no 30 s wait for a leaked lock
 
     async def test_an_edit_held_by_a_dead_process_blocks_only_until_its_lock_expires(self) -> None:
         lock_key = f"{self.options['namespace']}:lock:1"
