@@ -3087,8 +3087,13 @@ class _PTBPersistence:
         self.store_data: Any
         self._stored: dict[str, bytes] = {}  # record id -> digest of the bytes last read or saved
         self._unsaved: dict[str, str] = {}  # record id -> why its latest version could not be saved
-        self._conversation_changes: dict[str, dict[str, Any]] = {}
+        self._conversation_changes: dict[str, dict[str, Any]] = {}  # record id -> changes not saved yet
         self._conversation_locks: dict[str, asyncio.Lock] = {}
+        # The Application hands a pass's data and conversation states over at once (one gather): the
+        # states wait for the data saves under way, so that after a crash no user's state is newer
+        # than their data.
+        self._data_saves = 0
+        self._data_saved: asyncio.Event | None = None
 
     @staticmethod
     def _digest(compact: bytes) -> bytes:
@@ -3105,6 +3110,15 @@ class _PTBPersistence:
 
     async def _save(self, record_id: str, data: object, what: str) -> None:
         """Save data as record_id unless it is what was stored last; remember a failure for flush()."""
+        self._data_saves += 1
+        try:
+            await self._save_data(record_id, data, what)
+        finally:
+            self._data_saves -= 1
+            if self._data_saves == 0 and self._data_saved is not None:
+                self._data_saved.set()
+
+    async def _save_data(self, record_id: str, data: object, what: str) -> None:
         try:
             if not isinstance(data, Mapping):
                 raise TypeError(f"cannot store {what}: PTBPersistence stores dicts, not {type(data).__name__}")
@@ -3180,27 +3194,61 @@ class _PTBPersistence:
             await self._save("callback_data", record, "callback_data")
 
     async def update_conversation(self, name: str, key: tuple[Any, ...], new_state: object | None) -> None:
-        """Record one key's new state (None ends it); changes waiting together are saved in one edit."""
+        """Record one key's new state (None ends it); changes waiting together are saved in one edit.
+
+        The state is saved after the data saves under way (those the same
+        update pass handed over), and not while the data of a user or chat
+        in its key could not be saved: a state is never newer than its data.
+        A change that could not be saved is kept and saved with the next, or
+        named by flush().
+        """
         conversation = _ptb_conversation_key(name, key)
         _check_storable({conversation: new_state}, f"conversation {name!r}")  # fails here, for its caller
         record_id = f"conversations_{name}"
         self._conversation_changes.setdefault(record_id, {})[conversation] = new_state
+        await asyncio.sleep(0)  # every update of this pass has started: its data saves are counted
+        while self._data_saves:
+            self._data_saved = asyncio.Event()
+            await self._data_saved.wait()
+        await self._save_conversations(record_id)
+
+    def _data_unsaved(self, conversation: str) -> str | None:
+        """The record of a user or chat in this conversation's key whose data could not be saved, if any."""
+        for part in json.loads(conversation):
+            for record_id in (f"user_{part}", f"chat_{part}"):
+                if record_id in self._unsaved:
+                    return record_id
+        return None
+
+    async def _save_conversations(self, record_id: str) -> None:
         lock = self._conversation_locks.setdefault(record_id, asyncio.Lock())
         async with lock:
-            changes = self._conversation_changes.pop(record_id, None)
-            if not changes:
-                return  # an earlier caller saved this change with its own
+            changes = self._conversation_changes.pop(record_id, {})
+            held = {conversation: state for conversation, state in changes.items()
+                    if self._data_unsaved(conversation)}
+            ready = {conversation: state for conversation, state in changes.items() if conversation not in held}
             try:
-                async with self.db.edit_user_data(record_id) as states:
-                    for conversation, state in changes.items():
-                        if state is None:
-                            states.pop(conversation, None)
-                        else:
-                            states[conversation] = state
+                if ready:
+                    async with self.db.edit_user_data(record_id) as states:
+                        for conversation, state in ready.items():
+                            if state is None:
+                                states.pop(conversation, None)
+                            else:
+                                states[conversation] = state
             except Exception as exc:
+                held.update(ready)
                 self._unsaved[record_id] = f"{type(exc).__name__}: {exc}"
                 raise
-            self._unsaved.pop(record_id, None)
+            finally:
+                if held:  # kept, under any newer change made meanwhile, for the next save or flush()
+                    pending = self._conversation_changes.setdefault(record_id, {})
+                    for conversation, state in held.items():
+                        pending.setdefault(conversation, state)
+            if held:
+                waiting = sorted({self._data_unsaved(conversation) or "" for conversation in held})
+                self._unsaved[record_id] = f"{len(held)} state(s) wait for unsaved data: {', '.join(waiting)}"
+            else:
+                self._unsaved.pop(record_id, None)
 
     async def drop_user_data(self, user_id: int) -> None:
         await self._drop(f"user_{user_id}")
@@ -3218,7 +3266,13 @@ class _PTBPersistence:
         pass
 
     async def flush(self) -> None:
-        """Every change was saved when it was handed over; raise JasonError for any that could not be."""
+        """Every change was saved when it was handed over; raise JasonError for any that could not be.
+
+        Conversation changes kept after a failure are tried once more first.
+        """
+        for record_id in list(self._conversation_changes):
+            with contextlib.suppress(Exception):  # still failing: named below
+                await self._save_conversations(record_id)
         if self._unsaved:
             failures = "; ".join(f"{record_id}: {why}" for record_id, why in sorted(self._unsaved.items()))
             raise JasonError(f"PTBPersistence could not save {len(self._unsaved)} record(s) of "

@@ -31,7 +31,7 @@ import types
 import unicodedata
 import unittest
 import zipfile
-from collections.abc import Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from unittest import mock
 
@@ -2523,6 +2523,67 @@ class PTBPersistenceTest(AdapterMixin):
         await persistence.update_user_data(5, {"visits": 3})  # the next good version clears it
         await persistence.flush()
         self.assertEqual(await self.readonly_record("user_5"), {"visits": 3})
+
+    async def test_a_conversation_change_that_failed_is_kept_until_saved_or_named(self) -> None:
+        persistence = self.persistence()
+        await persistence.update_conversation("signup", (1, 1), "A")
+        real_edit = persistence.db.edit_user_data
+        failures = [1]
+
+        def edit_or_fail(record_id: str) -> Any:  # the disk is full once
+            if failures:
+                failures.pop()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_edit(record_id)
+
+        with mock.patch.object(persistence.db, "edit_user_data", edit_or_fail):
+            with self.assertRaises(OSError):
+                await persistence.update_conversation("signup", (1, 1), "B")
+            await persistence.update_conversation("signup", (2, 2), "X")  # carries (1, 1) -> B with it
+        await persistence.flush()
+        self.assertEqual(await self.persistence().get_conversations("signup"), {(1, 1): "B", (2, 2): "X"})
+
+        failures.extend([1, 1])  # fails every time left: flush() names it
+        with mock.patch.object(persistence.db, "edit_user_data", edit_or_fail):
+            with self.assertRaises(OSError):
+                await persistence.update_conversation("signup", (1, 1), "C")
+            with self.assertRaisesRegex(JasonError, "conversations_signup: OSError"):
+                await persistence.flush()
+
+    async def test_a_pass_stores_the_users_data_before_their_conversation_state(self) -> None:
+        import datetime
+
+        persistence = self.persistence()
+        stored: list[str] = []
+        real_save, real_edit = persistence.db.save_user_data, persistence.db.edit_user_data
+
+        async def slow_save(record_id: str, data: Any) -> None:
+            await asyncio.sleep(0.05)
+            await real_save(record_id, data)
+            stored.append(record_id)
+
+        @contextlib.asynccontextmanager
+        async def logged_edit(record_id: str) -> AsyncIterator[Any]:
+            async with real_edit(record_id) as data:
+                yield data
+            stored.append(record_id)
+
+        # As Application.update_persistence hands a pass over: every change at once, in one gather.
+        with mock.patch.object(persistence.db, "save_user_data", slow_save), \
+                mock.patch.object(persistence.db, "edit_user_data", logged_edit):
+            await asyncio.gather(persistence.update_conversation("signup", (7, 7), "CITY"),
+                                 persistence.update_user_data(7, {"name": "Ann"}), return_exceptions=True)
+            self.assertEqual(stored, ["user_7", "conversations_signup"])
+            results = await asyncio.gather(persistence.update_conversation("signup", (7, 7), "AGE"),
+                                           persistence.update_user_data(7, {"name": "Ann", "at": datetime.date.today()}),
+                                           return_exceptions=True)
+        self.assertIsInstance(results[1], TypeError)
+        self.assertEqual(await self.persistence().get_conversations("signup"), {(7, 7): "CITY"})  # not ahead of it
+        with self.assertRaisesRegex(JasonError, "conversations_signup: 1 state.*user_7.*user_7: TypeError"):
+            await persistence.flush()
+        await persistence.update_user_data(7, {"name": "Ann", "age": 30})
+        await persistence.flush()  # the state waiting for it goes too
+        self.assertEqual(await self.persistence().get_conversations("signup"), {(7, 7): "AGE"})
 
     async def test_the_update_interval_is_honoured_and_defaults_to_one_second(self) -> None:
         self.assertEqual(self.persistence().update_interval, 1)
