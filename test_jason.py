@@ -2574,9 +2574,9 @@ class PTBPersistenceTest(AdapterMixin):
             await asyncio.gather(persistence.update_conversation("signup", (7, 7), "CITY"),
                                  persistence.update_user_data(7, {"name": "Ann"}), return_exceptions=True)
             self.assertEqual(stored, ["user_7", "conversations_signup"])
+            unstorable = {"name": "Ann", "at": datetime.date.today()}
             results = await asyncio.gather(persistence.update_conversation("signup", (7, 7), "AGE"),
-                                           persistence.update_user_data(7, {"name": "Ann", "at": datetime.date.today()}),
-                                           return_exceptions=True)
+                                           persistence.update_user_data(7, unstorable), return_exceptions=True)
         self.assertIsInstance(results[1], TypeError)
         self.assertEqual(await self.persistence().get_conversations("signup"), {(7, 7): "CITY"})  # not ahead of it
         with self.assertRaisesRegex(JasonError, "conversations_signup: 1 state.*user_7.*user_7: TypeError"):
