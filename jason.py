@@ -2023,9 +2023,25 @@ class _ServerStore:
         async with self._connecting:  # the first calls at once must make one pool, not one each
             if self._client is None or self._client_loop is not loop:
                 # A pool belongs to the loop that made it: successive asyncio.run() calls get new ones.
-                self._client = await self._connect()
+                try:
+                    self._client = await self._connect()
+                except JasonError:
+                    raise
+                except Exception as exc:  # the driver's own errors: a wrong password, no server, no database
+                    raise self._cannot_connect(exc) from exc
                 self._client_loop = loop
         return self._client
+
+    def _cannot_connect(self, exc: BaseException) -> JasonError:
+        """A JasonError saying what failed when connecting, and what to check."""
+        detail = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, FileNotFoundError):  # a Unix socket that is not there; the driver omits its path
+            from urllib.parse import parse_qs, urlsplit
+
+            where = exc.filename or parse_qs(urlsplit(self.url).query).get("host", [urlsplit(self.url).path])[0]
+            detail = f"no server socket at {where}"
+        return JasonError(f"cannot connect to {self.location} ({detail}); check that the server is running, "
+                          "and the URL's host or socket path, database, user and password")
 
     async def _connect(self) -> Any:
         raise NotImplementedError
@@ -2353,7 +2369,11 @@ class _RedisStore(_ServerStore):
         client = self.driver.Redis.from_url(self.url, socket_timeout=10)
         try:
             config = client.config_get("append*")
+        except (self.driver.AuthenticationError, self.driver.ConnectionError, OSError) as exc:
+            raise self._cannot_connect(exc) from exc
         except self.driver.ResponseError as exc:  # CONFIG disabled, as on some managed servers
+            if "auth" in str(exc).lower():  # a password the server does not take
+                raise self._cannot_connect(exc) from exc
             raise JasonError(f"cannot read the persistence settings of {self.location} ({exc}); "
                              "durable=True needs appendonly yes and appendfsync always: pass durable=False "
                              "to accept what the server does") from None
@@ -2374,6 +2394,11 @@ class _RedisStore(_ServerStore):
         # pool would raise "Too many connections" under a burst of saves.
         pool = self.driver.asyncio.BlockingConnectionPool.from_url(self.url, max_connections=32, timeout=None)
         client = self.driver.asyncio.Redis(connection_pool=pool)
+        try:
+            await client.ping()  # redis-py connects lazily: a wrong URL or password shows here, not mid-save
+        except BaseException:
+            await self._disconnect(client)
+            raise
         self._write_script = client.register_script(_REDIS_WRITE)
         self._renew_script = client.register_script(_REDIS_RENEW)
         self._release_script = client.register_script(_REDIS_RELEASE)
@@ -2503,15 +2528,19 @@ class _RedisEdit:
         return await self.store.quarantine(key, operation, self.token)
 
 
+def _refuse_unknown_url(location: object) -> None:
+    """ValueError for a URL of a scheme JASON does not know: as a folder, it would be named after the URL."""
+    if _server_kind(location) is None and isinstance(location, str) and _URL_SCHEME.match(location):
+        scheme = location.split("://", 1)[0]
+        raise ValueError(f"{_redacted(location)} looks like a URL, but JASON knows no {scheme}:// location: use "
+                         "postgresql://, postgres://, redis://, rediss:// or unix://, or a folder path")
+
+
 def _open_store(location: str | os.PathLike[str], *, namespace: str, durable: bool, readonly: bool,
                 journal: bool = False) -> Any:
     """The store for a folder path or a server URL."""
     kind = _server_kind(location)
-    if kind is None and isinstance(location, str) and _URL_SCHEME.match(location):
-        # A misspelt scheme would otherwise be a folder, named after the URL and its password.
-        scheme = location.split("://", 1)[0]
-        raise ValueError(f"{_redacted(location)} looks like a URL, but JASON knows no {scheme}:// location: use "
-                         "postgresql://, postgres://, redis://, rediss:// or unix://, or a folder path")
+    _refuse_unknown_url(location)
     if kind is not None and journal:
         raise ValueError("journal=True is for a folder: a server has a log of its own")
     if kind == "postgres":
@@ -3395,6 +3424,7 @@ _IMPORT_CONCURRENCY: Final = 64
 def _open_location(location: str, *, write: bool = False, create: bool = False, durable: bool = True,
                    namespace: str = DEFAULT_NAMESPACE, migrations: Sequence[Any] = ()) -> JASON:
     """Open a folder or server URL for a command; a missing folder is an error unless create is set."""
+    _refuse_unknown_url(location)
     if _server_kind(location) is None:
         if not create and not os.path.isdir(os.path.expanduser(location)):
             raise _CommandError(f"no JASON folder at {location}")
@@ -3797,6 +3827,19 @@ def _read_import_file(path: str) -> list[tuple[str, dict[str, Any]]]:
     return source.records
 
 
+def _same_json(a: object, b: object) -> bool:
+    """True when a and b are the same JSON: Python's == takes true, 1 and 1.0 for one value; JSON does not."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        other = cast("dict[str, object]", b)
+        return a.keys() == other.keys() and all(_same_json(value, other[key]) for key, value in a.items())
+    if isinstance(a, list):
+        items = cast("list[object]", b)
+        return len(a) == len(items) and all(_same_json(x, y) for x, y in zip(a, items))
+    return a == b
+
+
 async def _plan_import(db: JASON, records: list[tuple[str, dict[str, Any]]]) -> \
         tuple[list[tuple[str, dict[str, Any]]], int, list[str]]:
     """(records to save, how many are stored already as they are, ids stored with other data).
@@ -3809,7 +3852,7 @@ async def _plan_import(db: JASON, records: list[tuple[str, dict[str, Any]]]) -> 
     for key, data in records:
         if key in existing:
             try:
-                if await _stored_record(db, key) == data:
+                if _same_json(await _stored_record(db, key), data):
                     same += 1
                     continue
             except CorruptDataError:
@@ -3903,7 +3946,7 @@ async def _cmd_copy(args: Any) -> int:
         run, same = await _put_records(target, records, args.overwrite, args, "copied")
         verified = 0
         for key, data in records:
-            if await _stored_record(target, key) != data:
+            if not _same_json(await _stored_record(target, key), data):
                 raise _CommandError(f"user {_shown_id(key)} reads back different from {target.location}: "
                                     "the copy is not verified; run it again")
             verified += 1
@@ -3916,14 +3959,15 @@ def _import_migrations(spec: str) -> tuple[Any, ...]:
     """The migrations named "module:attribute", imported with the current folder on the path."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise _UsageError(f"--migrations takes MODULE:NAME (for example bot.records:MIGRATIONS), not {spec!r}")
+        raise _CommandError(f"--migrations takes MODULE:NAME (for example bot.records:MIGRATIONS), not {spec!r}")
     sys.path.insert(0, os.getcwd())
     try:
         migrations = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
         raise _CommandError(f"cannot load the migrations {spec}: {exc}") from None
-    if isinstance(migrations, (str, bytes, Mapping)) or not all(callable(step) for step in migrations):
-        raise _CommandError(f"{spec} must be a list of functions, migrations[n] taking version n to n + 1")
+    if not isinstance(migrations, (list, tuple)) or not all(callable(step) for step in migrations):
+        raise _CommandError(f"{spec} is a {type(migrations).__name__}; it must be the list of migration functions, "
+                            "migrations[n] taking version n to n + 1")
     return tuple(migrations)
 
 
@@ -3945,7 +3989,8 @@ async def _cmd_migrate(args: Any) -> int:
                 if stored is None:
                     return  # deleted since the listing
                 version = stored.get(VERSION_KEY, 0)
-                versions[version] = versions.get(version, 0) + 1
+                shown = version if type(version) is int else json.dumps(version)  # a bad one is still counted
+                versions[shown] = versions.get(shown, 0) + 1
                 if version == latest:
                     return
                 if args.apply:
@@ -4182,11 +4227,31 @@ def _usage_hint(argv: list[str]) -> str | None:
     return None
 
 
+def _global_options_first(argv: list[str]) -> list[str]:
+    """argv with --fast and --namespace NAME moved to the front: users write them after the location too."""
+    options: list[str] = []
+    rest: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word == "--fast" or word.startswith("--namespace="):
+            options.append(word)
+        elif word == "--namespace":
+            options += [word, next(words, "")]
+        else:
+            rest.append(word)
+    return options + rest
+
+
+def _driver_error(exc: BaseException) -> bool:
+    """True for an error of a server's driver (asyncpg, redis-py): a failure to report, not a bug."""
+    return type(exc).__module__.split(".")[0] in ("asyncpg", "redis")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: exit 0 on success, 1 on failure, 2 on a usage error, 130 on Ctrl-C."""
     import sqlite3
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _global_options_first(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
@@ -4214,7 +4279,13 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (_CommandError, JasonError, OSError, ValueError, sqlite3.Error) as exc:
-        print(f"jason: {exc}", file=sys.stderr)
+        # The library's advice names its arguments; here they are options.
+        print(f"jason: {exc}".replace("pass durable=False", "give --fast"), file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if not _driver_error(exc):
+            raise
+        print(f"jason: {_redacted(args.location)}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         note = args.interrupted() if args.interrupted is not None else ""

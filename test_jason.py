@@ -3222,6 +3222,20 @@ class PostgresServerTest(ServerBackendMixin, FolderMixin):
                            f"SELECT user_id FROM {table} WHERE (data->>'challenge_balance')::int > 100")
         self.assertEqual(rows, "rich\n")
 
+    def test_the_command_line_reports_a_failed_connection_in_one_line(self) -> None:
+        sockets = SERVERS.postgres_sockets
+        for url, expected in [(f"postgresql://postgres:hunter2@/nosuchdb?host={sockets}", "nosuchdb"),
+                              (f"postgresql://nosuchrole@/postgres?host={sockets}&password=hunter2", "nosuchrole"),
+                              ("postgresql://postgres:hunter2@/postgres?host=/no/such/folder", "/no/such/folder")]:
+            with self.subTest(url=url):
+                result = run_cli(url, "ls")
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+                self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+                self.assertIn(expected, result.stderr)
+                self.assertIn("check that the server is running", result.stderr)
+                self.assertNotIn("hunter2", result.stderr)
+
     async def test_more_busy_edits_than_connections_slow_down_never_hang(self) -> None:
         for user in range(40):
             await self.db.save_user_data(user, {"balance": 100})
@@ -3308,6 +3322,26 @@ class RedisServerTest(ServerBackendMixin, FolderMixin):
                 SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "del", lock_key)  # as if it expired
                 data["v"] = "after"
         self.assertEqual(await self.stored(1), {"v": "before"})
+
+    def test_the_command_line_reports_a_failed_connection_in_one_line(self) -> None:
+        for url, expected in [("unix:///no/such/redis.sock", "/no/such/redis.sock"),
+                              (f"unix://nosuchuser:hunter2@{SERVERS.redis_socket}", "username-password")]:
+            for argv in (["ls"], ["--fast", "ls"]):  # the durability check, then the first command
+                with self.subTest(url=url, argv=argv):
+                    result = run_cli(url, *argv)
+                    self.assertEqual(result.returncode, 1, result.stderr)
+                    self.assertNotIn("Traceback", result.stderr)
+                    self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+                    self.assertIn(expected, result.stderr)
+                    self.assertNotIn("hunter2", result.stderr)
+        SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "config", "set", "appendfsync", "everysec")
+        try:
+            refused = run_cli(self.location, "set", "1", stdin="{}")
+        finally:
+            SERVERS.run("redis-cli", "-s", SERVERS.redis_socket, "config", "set", "appendfsync", "always")
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("or give --fast", refused.stderr)
+        self.assertNotIn("durable=False", refused.stderr)
 
     async def test_a_cancelled_edit_never_leaves_its_lock_behind(self) -> None:
         busy = self.open_db()
@@ -4344,6 +4378,79 @@ asyncio.run(main())
 
 
 @slow
+class CLIMistakesTest(unittest.TestCase):
+    """What users get wrong on the command line: one line and an exit status, never a traceback."""
+
+    def setUp(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="jason-cli-")
+        self.addCleanup(self._tmp.cleanup)
+        self.folder = os.path.join(self._tmp.name, "users")
+        fill_folder(self.folder, {"1": {"premium": True, "n": 1.0}, "2": {"tags": [1, True]}})
+
+    def assert_one_line(self, result: subprocess.CompletedProcess[str], status: int = 1) -> None:
+        self.assertEqual(result.returncode, status, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+
+    def test_copy_and_import_compare_json_exactly_not_with_python_equality(self) -> None:
+        target = os.path.join(self._tmp.name, "target")
+        fill_folder(target, {"1": {"premium": 1, "n": 1}, "2": {"tags": [True, 1]}})  # == in Python, not in JSON
+        refused = run_cli(self.folder, "copy", target)
+        self.assert_one_line(refused)
+        self.assertIn("2 users already exist with other data", refused.stderr)
+        self.assertEqual(run_cli(self.folder, "copy", target, "--overwrite").returncode, 0)
+        self.assertEqual(read_folder(target), read_folder(self.folder))
+        self.assertIs(read_folder(target)["1"]["premium"], True)
+        fill_folder(target, {"1": {"premium": 1, "n": 1}})
+        exported = run_cli(self.folder, "export", "-").stdout
+        self.assertEqual(run_cli(target, "import", "-", "--overwrite", stdin=exported).returncode, 0)
+        self.assertIs(read_folder(target)["1"]["premium"], True)
+        self.assertIsInstance(read_folder(target)["1"]["n"], float)
+
+    def test_global_options_work_before_or_after_the_location(self) -> None:
+        for argv in ([self.folder, "--fast", "set", "3"], ["--fast", self.folder, "set", "3"],
+                     [self.folder, "--namespace", "jason", "--fast", "set", "3"]):
+            with self.subTest(argv=argv):
+                result = run_cli(*argv, stdin='{"v": 3}')
+                self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(run_cli(self.folder, "--namespace", "jason", "ls").stdout.split(), ["1", "2", "3"])
+        self.assertEqual(run_cli(self.folder, "--namespace=jason", "ls", "--count").stdout.strip(), "3")
+
+    def test_migrate_reports_bad_input_in_one_line_and_migrates_past_a_bad_record(self) -> None:
+        with open(os.path.join(self._tmp.name, "records.py"), "w", encoding="utf-8") as file:
+            file.write("def add_one(record):\n    record['n'] = record.get('n', 0) + 1\n\nMIGRATIONS = [add_one]\n")
+        with open(os.path.join(self.folder, "bad.json"), "w", encoding="utf-8") as file:
+            file.write('{"$version": [0]}')
+
+        def migrate(spec: str, *args: str) -> subprocess.CompletedProcess[str]:
+            code = "import sys, jason; sys.exit(jason.main(sys.argv[1:]))"
+            return subprocess.run([sys.executable, "-c", code, self.folder, "migrate", "--migrations", spec, *args],
+                                  capture_output=True, text=True, cwd=self._tmp.name, env=child_env(),
+                                  timeout=CHILD_TIMEOUT, check=False)
+
+        for spec in ("records.MIGRATIONS", "records:add_one", "records:NOTHING", "no_such_module:MIGRATIONS"):
+            with self.subTest(spec=spec):
+                self.assert_one_line(migrate(spec))
+        applied = migrate("records:MIGRATIONS", "--apply")
+        self.assertEqual(applied.returncode, 1, applied.stderr)
+        self.assertNotIn("Traceback", applied.stderr)
+        self.assertIn("failed: user bad", applied.stderr)
+        self.assertIn("migrated 2 users to version 1; 1 failed", applied.stdout)
+        self.assertEqual(json.loads(read_bytes(os.path.join(self.folder, "2.json"))),
+                         {"$version": 1, "tags": [1, True], "n": 1})
+
+    def test_a_misspelt_url_is_refused_and_creates_no_folder(self) -> None:
+        for argv in (["postgress://bot:hunter2@/db?host=/tmp", "ls"], [self.folder, "copy", "postgress://bot:hunter2@/db"]):
+            with self.subTest(argv=argv):
+                result = subprocess.run([sys.executable, "-c", "import sys, jason; sys.exit(jason.main(sys.argv[1:]))",
+                                         *argv], capture_output=True, text=True, cwd=self._tmp.name, env=child_env(),
+                                        timeout=CHILD_TIMEOUT, check=False)
+                self.assert_one_line(result)
+                self.assertIn("JASON knows no postgress:// location", result.stderr)
+                self.assertNotIn("hunter2", result.stderr)
+                self.assertEqual(sorted(os.listdir(self._tmp.name)), ["users"])
+
+
 class UpgradeTest(unittest.TestCase):
     """A real jason-db 0.2.0 folder, made by the published package, upgraded with `upgrade`."""
 
