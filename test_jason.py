@@ -287,20 +287,51 @@ def importable(module: str) -> bool:
         return False
 
 
+# Stops the servers when the test process ends, however it ends (a SIGKILL, a timeout, Ctrl-C): it reads
+# one stop command per line from a pipe that only the test process holds, and runs them once the pipe
+# closes, unless the tests stopped the servers themselves ("done"). In a session of its own, so that
+# the Ctrl-C that stops the tests does not stop it first.
+SERVER_WATCHDOG = """
+import json, shutil, subprocess, sys
+commands = []
+for line in sys.stdin:
+    if line.strip() == "done":
+        sys.exit(0)
+    commands.append(json.loads(line))
+for command in reversed(commands):
+    if command[0] == "rmtree":
+        shutil.rmtree(command[1], ignore_errors=True)
+    else:
+        subprocess.run(command, capture_output=True, timeout=120, check=False)
+"""
+
+
 class ThrowawayServers:
     """This run's own PostgreSQL and Redis servers: started on first use in a temporary folder,
-    listening on Unix sockets only, stopped when the module's tests end."""
+    listening on Unix sockets only, stopped when the module's tests end, or by a watchdog when the
+    test process ends without getting there."""
 
     def __init__(self) -> None:
         self._work: tempfile.TemporaryDirectory[str] | None = None
         self._urls: dict[str, str] = {}
         self._stops: list[Callable[[], object]] = []
+        self._watchdog: subprocess.Popen[str] | None = None
         self.namespaces = (f"t{n}" for n in itertools.count())
+
+    def _on_exit(self, *command: str) -> None:
+        """Have the watchdog run command if this process ends with the servers still running."""
+        if self._watchdog is None:
+            self._watchdog = subprocess.Popen([sys.executable, "-c", SERVER_WATCHDOG], stdin=subprocess.PIPE,
+                                              text=True, start_new_session=True)
+        assert self._watchdog.stdin is not None
+        self._watchdog.stdin.write(json.dumps(command) + "\n")
+        self._watchdog.stdin.flush()
 
     def _folder(self, name: str) -> str:
         if self._work is None:
             self._work = tempfile.TemporaryDirectory(prefix="jason-servers-")
             os.chmod(self._work.name, 0o755)
+            self._on_exit("rmtree", self._work.name)
         folder = os.path.join(self._work.name, name)
         os.mkdir(folder)
         return folder
@@ -342,6 +373,7 @@ class ThrowawayServers:
         self.postgres_ctl = [*as_server, os.path.join(bin_dir, "pg_ctl"), "-D", data, "-w"]
         self.postgres_start = [*self.postgres_ctl, "-o", f"-c listen_addresses='' -k {sockets} -c fsync=on",
                                "-l", os.path.join(sockets, "log"), "start"]
+        self._on_exit(*self.postgres_ctl, "-m", "immediate", "stop")
         self.run(*self.postgres_start)
         self._stops.append(lambda: self.run(*self.postgres_ctl, "-m", "immediate", "stop"))
         self.postgres_sockets = sockets
@@ -353,6 +385,7 @@ class ThrowawayServers:
         self.redis_start = ["redis-server", "--port", "0", "--unixsocket", self.redis_socket, "--dir", work,
                             "--daemonize", "yes", "--pidfile", os.path.join(work, "redis.pid"),
                             "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        self._on_exit("redis-cli", "-s", self.redis_socket, "shutdown", "nosave")
         self.run(*self.redis_start)
         deadline = time.monotonic() + CHILD_TIMEOUT
         while not os.path.exists(self.redis_socket):
@@ -371,6 +404,13 @@ class ThrowawayServers:
         if self._work is not None:
             self._work.cleanup()
             self._work = None
+        if self._watchdog is not None:
+            assert self._watchdog.stdin is not None
+            with contextlib.suppress(OSError):
+                self._watchdog.stdin.write("done\n")
+                self._watchdog.stdin.close()
+            self._watchdog.wait(CHILD_TIMEOUT)
+            self._watchdog = None
 
 
 SERVERS = ThrowawayServers()
@@ -3270,6 +3310,32 @@ class PostgresServerTest(ServerBackendMixin, FolderMixin):
         finally:
             self.stop_server()
             self.start_server()
+
+
+@slow
+@unittest.skipUnless(HAVE_REDIS, "needs Redis and redis-py")
+class ThrowawayServersTest(unittest.TestCase):
+    def test_servers_never_outlive_a_test_process_that_is_killed(self) -> None:
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+            import sys, time, test_jason
+            test_jason.SERVERS.url("redis")
+            print(test_jason.SERVERS.redis_socket, flush=True)
+            time.sleep(600)
+        """)], cwd=HERE, env=child_env(), stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None
+            socket_path = child.stdout.readline().strip()
+            self.assertTrue(os.path.exists(socket_path), socket_path)
+            pid = int(read_bytes(os.path.join(os.path.dirname(socket_path), "redis.pid")))
+        finally:
+            child.kill()
+            child.wait(CHILD_TIMEOUT)
+            child.stdout.close()  # type: ignore[union-attr]
+        deadline = time.monotonic() + CHILD_TIMEOUT
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse(os.path.exists(f"/proc/{pid}"), "the killed run's redis-server is still running")
+        self.assertFalse(os.path.exists(os.path.dirname(os.path.dirname(socket_path))))  # nor its folder
 
 
 @slow
