@@ -2990,11 +2990,15 @@ class _AiogramStorage:
     "data": {"name": "Ann"}}}``. An entry whose state is None and data empty
     is removed; the record itself stays. Every change is one edit of the
     record, so it is durable when the call returns and never lost to another
-    change at the same time. close() closes the JASON.
+    change at the same time. close() closes the JASON once the updates under
+    way have finished: aiogram closes the storage when polling stops, while
+    handlers may still run, and each of them holds an isolation lock.
     """
 
     def __init__(self, db: JASON) -> None:
         self.db = _own_database(db, "AiogramStorage")
+        self._locks_held: dict[asyncio.Task[Any] | None, int] = {}  # isolation locks held (or awaited), by task
+        self._locks_released: asyncio.Event | None = None
 
     async def _entry(self, key: Any) -> dict[str, Any]:
         user, name = _aiogram_place(key)
@@ -3059,7 +3063,26 @@ class _AiogramStorage:
         return _copy_json(entry["data"])  # type: ignore[no-any-return]
 
     async def close(self) -> None:
+        """Close the JASON once every update under way (each holding an isolation lock) has finished."""
+        current = asyncio.current_task()
+        while any(count for task, count in self._locks_held.items() if task is not current):
+            self._locks_released = asyncio.Event()
+            await self._locks_released.wait()
         await self.db.close()
+
+    @contextlib.asynccontextmanager
+    async def _holding_lock(self) -> AsyncIterator[None]:
+        """Count an isolation lock held (or awaited) for close()."""
+        task = asyncio.current_task()
+        self._locks_held[task] = self._locks_held.get(task, 0) + 1
+        try:
+            yield
+        finally:
+            self._locks_held[task] -= 1
+            if not self._locks_held[task]:
+                del self._locks_held[task]
+            if self._locks_released is not None:
+                self._locks_released.set()
 
     def create_isolation(self) -> Any:
         """An event isolation for Dispatcher(events_isolation=...): one update per key at a time.
@@ -3067,21 +3090,23 @@ class _AiogramStorage:
         On PostgreSQL and Redis it holds across every process sharing the
         database; on a folder, which has one writer process, within it.
         """
-        return _adapter_class("AiogramIsolation")(self.db)
+        return _adapter_class("AiogramIsolation")(self)
 
 
 class _AiogramIsolation:
     """aiogram's BaseEventIsolation over the store's named locks; made by AiogramStorage.create_isolation()."""
 
-    def __init__(self, db: JASON) -> None:
-        self.db = db
+    def __init__(self, storage: _AiogramStorage) -> None:
+        self.storage = storage
+        self.db = storage.db
 
     @contextlib.asynccontextmanager
     async def lock(self, key: Any) -> AsyncIterator[None]:
         user, name = _aiogram_place(key)
-        self.db._enter()
-        async with self.db._store.exclusive(f"{_user_key(user)} {name}"):
-            yield
+        async with self.storage._holding_lock():
+            self.db._enter()
+            async with self.db._store.exclusive(f"{_user_key(user)} {name}"):
+                yield
 
     async def close(self) -> None:
         pass  # the storage closes the JASON

@@ -2449,6 +2449,29 @@ class AiogramStorageTest(AdapterMixin):
             await storage.set_state(self.key(), "Form:name")
         self.assertEqual(await self.readonly_record("7"), {"bot 42 chat 7": "not an entry"})
 
+    async def test_closing_the_storage_under_held_isolation_locks_closes_after_they_are_released(self) -> None:
+        storage = self.storage()
+        isolation = storage.create_isolation()
+        held, release = asyncio.Event(), asyncio.Event()
+
+        async def handler(user: int) -> None:  # a handler still running when the bot stops
+            async with isolation.lock(self.key(user=user)):
+                await storage.set_state(self.key(user=user), "Form:name")
+                if user == 9:
+                    held.set()
+                await release.wait()
+
+        handlers = [asyncio.ensure_future(handler(user)) for user in range(5, 10)]
+        await held.wait()
+        with self.assertLogs(level=logging.WARNING) as logs:
+            closing = asyncio.ensure_future(storage.close())
+            await asyncio.sleep(0.05)
+            release.set()
+            await asyncio.wait_for(asyncio.gather(*handlers, closing), CHILD_TIMEOUT)  # no error in any
+            logging.getLogger("jason").warning("the end")  # assertLogs needs one
+        self.assertEqual([record.getMessage() for record in logs.records], ["the end"])
+        self.assertEqual(await self.readonly_record("9"), {"bot 42 chat 9": {"state": "Form:name", "data": {}}})
+
     async def test_the_isolation_runs_one_update_per_key_at_a_time(self) -> None:
         first, second = self.storage().create_isolation(), self.storage().create_isolation()
         events: list[str] = []

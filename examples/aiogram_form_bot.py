@@ -71,7 +71,8 @@ async def got_city(message: Message, state: FSMContext) -> None:
 
 def build_dispatcher() -> Dispatcher:
     storage = AiogramStorage(JASON(os.environ.get("JASON_FSM_FOLDER", "data/fsm")))
-    # The dispatcher closes the storage, and with it the JASON, when polling stops.
+    # The dispatcher closes the storage when polling stops (Ctrl-C, SIGTERM): it waits for the handlers still
+    # running, each holding an isolation lock, then closes the JASON. No update in flight is dropped.
     dispatcher = Dispatcher(storage=storage, events_isolation=storage.create_isolation())
     dispatcher.include_router(router)
     return dispatcher

@@ -353,6 +353,30 @@ class AiogramFormTest(FormScenario, unittest.IsolatedAsyncioTestCase):
                     self.assertEqual(await db.load_user_data(user), {})
 
 
+@NEEDS_AIOGRAM
+class AiogramGracefulStopTest(unittest.IsolatedAsyncioTestCase):
+    async def test_a_stop_with_200_updates_in_flight_lets_every_handler_finish(self) -> None:
+        import aiogram_form_bot
+
+        bot, sent = aiogram_recording_bot()
+        with tempfile.TemporaryDirectory() as folder, mock.patch.dict(os.environ, {"JASON_FSM_FOLDER": folder}):
+            importlib.reload(aiogram_form_bot)
+            dispatcher = aiogram_form_bot.build_dispatcher()
+            await dispatcher.emit_startup(dispatcher=dispatcher, bot=bot, bots=[bot])
+            # As polling hands updates over (handle_as_tasks): each its own task, none awaited by the poller.
+            handlers = [asyncio.ensure_future(dispatcher.feed_update(bot, aiogram_update(user, user, "/form")))
+                        for user in range(1, 201)]
+            await asyncio.sleep(0)  # under way
+            await dispatcher.emit_shutdown(dispatcher=dispatcher, bot=bot, bots=[bot])  # what a SIGINT runs
+            results = await asyncio.gather(*handlers, return_exceptions=True)
+            self.assertEqual([result for result in results if isinstance(result, BaseException)], [])
+            self.assertEqual(sorted(chat for chat, _ in sent), list(range(1, 201)))  # every update answered
+            async with JASON(folder, readonly=True) as db:
+                for user in (1, 200):
+                    self.assertEqual(await db.load_user_data(user),
+                                     {f"bot {BOT_ID} chat {user}": {"state": "Form:name", "data": {}}})
+
+
 @NEEDS_PTB
 class PTBConversationTest(FormScenario, unittest.IsolatedAsyncioTestCase):
     async def test_1000_users_finish_the_conversation_across_a_restart(self) -> None:
