@@ -378,6 +378,60 @@ class AiogramGracefulStopTest(unittest.IsolatedAsyncioTestCase):
 
 
 @NEEDS_PTB
+class PTBCrashWindowTest(unittest.IsolatedAsyncioTestCase):
+    async def test_a_change_is_durable_within_the_interval_and_two_save_passes(self) -> None:
+        """The README's bound: a change made just after a pass took its copy waits for that pass, the
+        interval, and the next pass. Saves are slowed to 50 ms so that the passes' share shows."""
+        from telegram.ext import MessageHandler, filters
+
+        interval = 0.2
+        builder, _ = ptb_recording_builder()
+        with tempfile.TemporaryDirectory() as folder:
+            persistence = jason.PTBPersistence(JASON(folder), update_interval=interval)
+            application = builder.persistence(persistence).build()
+
+            async def remember(update: Any, context: Any) -> None:
+                context.user_data["n"] = int(update.message.text)
+
+            application.add_handler(MessageHandler(filters.TEXT, remember))
+            real_save, real_update = persistence.db.save_user_data, application.update_persistence
+            passes: list[float] = []
+
+            async def slow_save(record_id: str, data: Any) -> None:
+                await asyncio.sleep(0.05)
+                await real_save(record_id, data)
+
+            async def timed_pass() -> None:
+                started = time.monotonic()
+                await real_update()
+                passes.append(time.monotonic() - started)
+
+            delays = []
+            with mock.patch.object(persistence.db, "save_user_data", slow_save), \
+                    mock.patch.object(application, "update_persistence", timed_pass):
+                await application.initialize()
+                await application.start()
+                try:
+                    async with JASON(folder, readonly=True) as reader:
+                        for n in range(1, 9):
+                            await asyncio.sleep(random.Random(n).random() * interval)
+                            await application.process_update(ptb_update(application, n, 5, str(n)))
+                            changed = time.monotonic()
+                            while (await reader.load_user_data("user_5")).get("n") != n:
+                                await asyncio.sleep(0.005)
+                            delays.append(time.monotonic() - changed)
+                finally:
+                    await application.stop()
+                    await application.shutdown()
+                    await persistence.db.close()
+        bound = interval + 2 * max(passes) + 0.1  # 0.1 s: the event loop's own delays on a busy machine
+        self.assertLessEqual(max(delays), bound, (delays, passes))
+        if os.environ.get("JASON_SHOW_CRASH_WINDOW"):
+            print(f"\ninterval {interval} s, passes up to {max(passes):.3f} s, changes durable after "
+                  f"{min(delays):.3f} to {max(delays):.3f} s")
+
+
+@NEEDS_PTB
 class PTBConversationTest(FormScenario, unittest.IsolatedAsyncioTestCase):
     async def test_1000_users_finish_the_conversation_across_a_restart(self) -> None:
         import ptb_conversation_bot
