@@ -529,20 +529,32 @@ def _user_key_from_file_name(name: str) -> str | None:
 # ---------------------------------------------------------------- blocking file helpers
 
 
-def _read_record_sync(path: str) -> bytes | None:
-    """The file's bytes, or None when there is no record. Refuses symlinks and non-files."""
+def _open_regular_file_sync(path: str, refuse: Callable[[str], Exception]) -> int | None:
+    """path opened for reading, or None when it does not exist; refuse(why) for a link or a non-file.
+
+    Non-blocking: a FIFO planted under a record's or a journal's name must not hang the open.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW | _O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise CorruptDataError(path, "it is a symbolic link, which JASON never follows") from exc
+            raise refuse("it is a symbolic link, which JASON never follows") from exc
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise refuse("it is not a regular file")
+    return fd
+
+
+def _read_record_sync(path: str) -> bytes | None:
+    """The file's bytes, or None when there is no record. Refuses symlinks and non-files."""
+    fd = _open_regular_file_sync(path, functools.partial(CorruptDataError, path))
+    if fd is None:
+        return None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CorruptDataError(path, "it is not a regular file")
         chunks: list[bytes] = []
         while True:  # until end of file: os.read may return less than asked
             chunk = os.read(fd, info.st_size + 1)
@@ -865,23 +877,9 @@ def _entry_may_continue(rest: bytes) -> bool:
 
 
 def _open_journal_sync(path: str) -> int | None:
-    """A journal opened for reading, or None when there is none; JasonError for anything but a regular file.
-
-    Non-blocking, as records are: a FIFO planted under the journal's name must not hang a reader or a writer.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC | _O_NOFOLLOW | _O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise JasonError(f"{path} is a symbolic link, which JASON never follows; move it out of the folder") \
-                from exc
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise JasonError(f"{path} is not a regular file, so it is no journal of JASON's; move it out of the folder")
-    return fd
+    """A journal opened for reading, or None when there is none; JasonError for a link or a non-file."""
+    return _open_regular_file_sync(
+        path, lambda why: JasonError(f"{path}: {why}, so it is no journal of JASON's; move it out of the folder"))
 
 
 def _journal_generation_sync(fd: int) -> tuple[bytes | None, int]:
