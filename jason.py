@@ -96,6 +96,12 @@ except ImportError:
 # through it (open, read, close) measured twice as slow as one hop for the read.
 HAVE_AIOFILES = importlib.util.find_spec("aiofiles") is not None
 
+# The framework adapters are made on first use (see __getattr__), and making one imports its
+# framework: they are public names where the framework is installed, so `from jason import *`
+# works everywhere. find_spec looks for a package without importing it.
+__all__ += [name for name, framework in (("AiogramStorage", "aiogram"), ("PTBPersistence", "telegram"))
+            if importlib.util.find_spec(framework) is not None]
+
 if sys.platform == "win32":  # Windows: byte-range locks
     import msvcrt
 else:  # POSIX: flock, whose lock dies with the process
@@ -1872,7 +1878,9 @@ class _FolderStore:
 _SERVER_SCHEMES: Final = {
     "postgresql": "postgres", "postgres": "postgres", "redis": "redis", "rediss": "redis", "unix": "redis",
 }
-_DRIVERS: Final = {"postgres": ("asyncpg", "jason-db[postgres]"), "redis": ("redis", "jason-db[redis]")}
+# kind -> (the driver's module, the pip package that installs it, this project's extra). The name
+# jason-db on the package index is the old 0.2.0 release, so messages name the driver's own package.
+_DRIVERS: Final = {"postgres": ("asyncpg", "asyncpg", "postgres"), "redis": ("redis", "redis", "redis")}
 DEFAULT_NAMESPACE: Final = "jason"
 _NAMESPACE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
 # How long a Redis edit lock lives without renewal: a process that dies inside
@@ -1919,11 +1927,12 @@ def _redacted(url: str) -> str:
 
 
 def _import_driver(kind: str) -> Any:
-    module, extra = _DRIVERS[kind]
+    module, package, extra = _DRIVERS[kind]
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise JasonError(f"a {kind} location needs the {module} package: pip install \"{extra}\"") from None
+        raise JasonError(f"a {kind} location needs the {module} package: pip install {package} "
+                         f"(from a JASON checkout: pip install \".[{extra}]\")") from None
 
 
 # PostgreSQL's text type cannot hold NUL or a lone surrogate, both valid in ids:
@@ -3331,11 +3340,11 @@ class _PTBPersistence:
                              f"{self.db.location}, which keep their last saved version: {failures}")
 
 
-# name -> (the logic, the framework module and base class, the extra that installs the framework)
+# name -> (the logic, the framework module and base class, the pip package that installs the framework)
 _ADAPTERS: Final = {
     "AiogramStorage": (_AiogramStorage, "aiogram.fsm.storage.base", "BaseStorage", "aiogram"),
     "AiogramIsolation": (_AiogramIsolation, "aiogram.fsm.storage.base", "BaseEventIsolation", "aiogram"),
-    "PTBPersistence": (_PTBPersistence, "telegram.ext", "BasePersistence", "telegram"),
+    "PTBPersistence": (_PTBPersistence, "telegram.ext", "BasePersistence", "python-telegram-bot"),
 }
 _adapter_classes: dict[str, type] = {}
 
@@ -3344,12 +3353,12 @@ def _adapter_class(name: str) -> type:
     """The adapter class called name, made on first use from its logic and its framework's base."""
     made = _adapter_classes.get(name)
     if made is None:
-        logic, module, base, extra = _ADAPTERS[name]
+        logic, module, base, package = _ADAPTERS[name]
         try:
             framework_base = getattr(importlib.import_module(module), base)
         except ImportError as exc:
             raise ImportError(f"jason.{name} needs {module.split('.')[0]}, which could not be imported "
-                              f"({exc}): pip install \"jason-db[{extra}]\"") from exc
+                              f"({exc}): pip install {package}") from exc
         made = type(name, (logic, framework_base), {"__module__": __name__, "__doc__": logic.__doc__})
         _adapter_classes[name] = made
     return made

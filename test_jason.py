@@ -2675,6 +2675,20 @@ class AdapterImportTest(unittest.TestCase):
         """
         self.assertEqual(run_child(probe).stdout.strip(), "[]")
 
+    def test_the_adapters_are_public_names_where_their_framework_is_installed(self) -> None:
+        probe = """
+            import sys
+            if sys.argv[1] == "blocked":
+                sys.modules["aiogram"] = sys.modules["telegram"] = None
+            from jason import *
+            import jason
+            print(sorted(set(jason.__all__) - {"JASON", "JasonError", "InvalidUserIdError", "CorruptDataError",
+                                               "DatabaseLockedError", "ReadOnlyError"}))
+        """
+        self.assertEqual(run_child(probe, "blocked").stdout.strip(), "[]")  # and `import *` still works
+        if HAVE_AIOGRAM and HAVE_PTB:
+            self.assertEqual(run_child(probe, "installed").stdout.strip(), "['AiogramStorage', 'PTBPersistence']")
+
     def test_a_missing_framework_names_its_install_command(self) -> None:
         probe = """
             import sys
@@ -2694,8 +2708,9 @@ class AdapterImportTest(unittest.TestCase):
         lines = run_child(probe).stdout.splitlines()
         self.assertEqual(len(lines), 3, lines)
         self.assertIn('jason.AiogramStorage needs aiogram', lines[0])
-        self.assertIn('pip install "jason-db[aiogram]"', lines[0])
-        self.assertIn('pip install "jason-db[telegram]"', lines[1])
+        self.assertIn("pip install aiogram", lines[0])
+        self.assertIn("pip install python-telegram-bot", lines[1])
+        self.assertNotIn("jason-db", "".join(lines))  # on the package index, that name is the old release
         self.assertIn("has no attribute 'NoSuchThing'", lines[2])
 
 
@@ -3173,6 +3188,7 @@ class ServerBackendMixin(_ServerBase):
 
     def test_a_missing_driver_names_the_command_that_installs_it(self) -> None:
         module, extra = {"postgres": ("asyncpg", "postgres"), "redis": ("redis", "redis")}[self.backend]
+        package = module
         result = run_child(f"""
             import sys
             sys.modules[{module!r}] = None
@@ -3182,7 +3198,9 @@ class ServerBackendMixin(_ServerBase):
             except jason.JasonError as exc:
                 print(exc)
         """)
-        self.assertIn(f'pip install "jason-db[{extra}]"', result.stdout, result.stderr)
+        self.assertIn(f"pip install {package} (from a JASON checkout: pip install \".[{extra}]\")", result.stdout,
+                      result.stderr)
+        self.assertNotIn("jason-db", result.stdout)
 
     async def test_copy_moves_10000_users_both_ways_exactly(self) -> None:
         records: dict[str, dict[str, object]] = {
