@@ -2781,7 +2781,8 @@ class JASON(Generic[Record]):
         self._enter()
         return await self._store.keys()
 
-    async def users(self, concurrency: int = USERS_CONCURRENCY) -> AsyncIterator[tuple[str, Record]]:
+    async def users(self, concurrency: int = USERS_CONCURRENCY, *,
+                    skipped: list[tuple[str, JasonError]] | None = None) -> AsyncIterator[tuple[str, Record]]:
         """Every stored user once, as (id, data), in id order: ``async for uid, data in db.users():``.
 
         Each data is what load_user_data would return (a fresh copy, migrated,
@@ -2793,14 +2794,25 @@ class JASON(Generic[Record]):
         before its turn is skipped. A corrupt record raises CorruptDataError
         (ending the loop) or, with on_corrupt="quarantine", is moved aside and
         visited with the defaults, as a load would.
+
+        skipped: give a list to go on past records that cannot be read (a
+        corrupt record, a migration that raises, a record newer than the
+        code): each is left out of the loop and added to the list as
+        (id, the JasonError), so a broadcast reaches everyone else and can
+        say whom it missed. Without it, the first such record ends the loop.
         """
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
             raise ValueError(f"concurrency must be a positive int, not {concurrency!r}")
         keys = await self.user_ids()
         for start in range(0, len(keys), concurrency):
             batch = keys[start:start + concurrency]
-            for key, data in zip(batch, await asyncio.gather(*(self._visit(key) for key in batch))):
-                if data is not None:
+            results = await asyncio.gather(*(self._visit(key) for key in batch), return_exceptions=True)
+            for key, data in zip(batch, results):
+                if isinstance(data, JasonError) and skipped is not None:
+                    skipped.append((key, data))
+                elif isinstance(data, BaseException):
+                    raise data
+                elif data is not None:
                     yield key, cast("Record", data)
 
     async def _visit(self, key: str) -> dict[str, Any] | None:

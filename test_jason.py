@@ -2724,6 +2724,24 @@ class UsersTest(FolderMixin):
             await self.db.save_user_data(user, record)
         return records
 
+    async def test_a_loop_can_go_on_past_records_it_cannot_read_and_names_them(self) -> None:
+        for user in range(100):
+            await self.db.save_user_data(user, {"challenge_balance": user, "bad": user % 30 == 7})
+
+        def refuse_bad(record: dict[str, Any]) -> None:
+            if record["bad"]:
+                raise ValueError("cannot migrate this one")
+
+        migrating = self.open_db(migrations=[refuse_bad])
+        with self.assertRaisesRegex(JasonError, "migrations\\[0\\] .* raised on user '37'"):
+            async for _ in migrating.users(concurrency=8):
+                pass
+        skipped: list[tuple[str, JasonError]] = []
+        seen = [user async for user, _ in migrating.users(concurrency=8, skipped=skipped)]
+        self.assertEqual([user for user, _ in skipped], ["37", "67", "7", "97"])  # in id order, as listed
+        self.assertTrue(all("cannot migrate this one" in str(error) for _, error in skipped))
+        self.assertEqual(sorted(seen + [user for user, _ in skipped]), sorted(str(user) for user in range(100)))
+
     async def test_every_stored_user_once_as_a_load_returns_it(self) -> None:
         records = await self.fill(150)
         seen: dict[str, dict[str, Any]] = {}
