@@ -3510,6 +3510,19 @@ async def _stored_record(db: JASON, key: str) -> dict[str, Any] | None:
     return None if raw is None else _parse_record(raw, store.where(key))
 
 
+def _count(number: int, noun: str) -> str:
+    """ "1 user", "2 users"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _size(size: int) -> str:
+    """A size for people: "1,234 bytes (1.2 KB)"."""
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if size >= scale:
+            return f"{size:,} bytes ({size / scale:.1f} {unit})"
+    return f"{size:,} bytes"
+
+
 def _json_error_position(exc: ValueError) -> str:
     if isinstance(exc, json.JSONDecodeError):  # orjson's error is a subclass
         return f"line {exc.lineno} column {exc.colno}: {exc.msg}"
@@ -3941,7 +3954,8 @@ class _ImportRun:
 
     def how_far(self) -> str:
         doing = "importing" if self.verb == "imported" else "copying"
-        return f" after {doing} {self.saved} of {len(self.records)} users; {self.rerun()}"
+        # Saves under way may still land after this is said: a rerun can find more.
+        return f" after {doing} at least {self.saved} of {len(self.records)} users; {self.rerun()}"
 
     def raise_failure(self) -> None:
         if self.failure is not None:
@@ -3957,7 +3971,8 @@ async def _put_records(db: JASON, records: list[tuple[str, dict[str, Any]]], ove
     if clashes and not overwrite:
         shown = ", ".join(_shown_id(key) for key in clashes[:5]) + (", ..." if len(clashes) > 5 else "")
         raise _CommandError(
-            f"{len(clashes)} users already exist with other data ({shown}); nothing was {verb}. "
+            f"{_count(len(clashes), 'user')} already {'exists' if len(clashes) == 1 else 'exist'} with other data "
+            f"({shown}); nothing was {verb}. "
             "Use --overwrite to replace them"
         )
     run = _ImportRun(db, to_save, verb)
@@ -4055,9 +4070,10 @@ async def _cmd_migrate(args: Any) -> int:
     for failure in failures:
         print(f"failed: {failure}", file=sys.stderr)
     if args.apply:
-        print(f"migrated {migrated} users to version {latest}; {len(failures)} failed and were left unchanged")
+        print(f"migrated {_count(migrated, 'user')} to version {latest}; {len(failures)} failed "
+              "and " + ("was" if len(failures) == 1 else "were") + " left unchanged")
     else:
-        print(f"would migrate {migrated} users; {len(failures)} would fail (dry run: nothing was written; "
+        print(f"would migrate {_count(migrated, 'user')}; {len(failures)} would fail (dry run: nothing was written; "
               "add --apply, with the bot stopped)")
     return 1 if failures else 0
 
@@ -4091,12 +4107,12 @@ async def _cmd_stats(args: Any) -> int:
                 if raw is not None:
                     sizes[key] = len(raw)
     print(f"users: {len(sizes)}")
-    print(f"records: {sum(sizes.values())} bytes")
+    print(f"records: {_size(sum(sizes.values()))}")
     if sizes:
         largest = max(sorted(sizes), key=lambda key: sizes[key])
-        print(f"largest: {sizes[largest]} bytes (user {_shown_id(largest)})")
+        print(f"largest: {_size(sizes[largest])} (user {_shown_id(largest)})")
     if folder_bytes >= 0:
-        print(f"folder: {folder_bytes} bytes")
+        print(f"folder: {_size(folder_bytes)}")
     return 0
 
 

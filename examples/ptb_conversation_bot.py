@@ -73,13 +73,14 @@ async def count(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     await update.message.reply_text(f"You: {context.user_data['messages']}, everyone: {context.bot_data['messages']}")
 
 
-async def close_db(application: Application) -> None:
-    await application.persistence.db.close()
-
-
 def build_application(builder: ApplicationBuilder, update_interval: float = 1) -> Application:
-    # Changes reach the JASON every update_interval seconds: a crash loses at most that much.
-    persistence = PTBPersistence(JASON(os.environ.get("JASON_PTB_FOLDER", "data/ptb")), update_interval=update_interval)
+    # Changes reach the JASON every update_interval seconds: a crash loses at most about that much (see the README).
+    db = JASON(os.environ.get("JASON_PTB_FOLDER", "data/ptb"))
+
+    async def close_db(application: Application) -> None:
+        await db.close()  # after the Application's last flush
+
+    persistence = PTBPersistence(db, update_interval=update_interval)
     application = builder.persistence(persistence).post_shutdown(close_db).build()
     text = filters.TEXT & ~filters.COMMAND
     application.add_handler(ConversationHandler(
