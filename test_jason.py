@@ -4445,7 +4445,7 @@ class CLITest(unittest.TestCase):
         self.assertIn("imported 0 users into", again.stderr)
         self.assertIn("(2 already there, unchanged)", again.stderr)
         self.assert_fails(run_cli(folder, "import", "-", stdin=lines.replace('"v": 2', '"v": 3')), 1,
-                          "1 users already exist with other data (2)", "--overwrite")
+                          "1 user already exists with other data (2)", "--overwrite")
 
     @slow
     def test_check_and_stats_ignore_a_live_writers_saves_in_progress(self) -> None:
