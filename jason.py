@@ -2535,6 +2535,28 @@ class _RedisEdit:
         return await self.store.quarantine(key, operation, self.token)
 
 
+_NAMESPACE_PARAMETER: Final = re.compile(r"([?&])namespace=([^&#]*)&?")
+
+
+def _namespace_in_url(url: str, namespace: str) -> tuple[str, str]:
+    """(url without its ?namespace=NAME, the namespace): a deployment sets it with the URL, by environment.
+
+    The drivers would take the parameter for a setting of their own, so it is taken out. Given both
+    ways, they must agree.
+    """
+    match = _NAMESPACE_PARAMETER.search(url)
+    if match is None:
+        return url, namespace
+    from urllib.parse import unquote
+
+    named = unquote(match[2])
+    if namespace not in (DEFAULT_NAMESPACE, named):
+        raise ValueError(f"the URL names namespace {named!r} and the namespace argument {namespace!r}; give one")
+    rest = url[match.end():]
+    kept = url[:match.start()] + (match[1] + rest if rest else "")  # the next parameter takes its separator
+    return kept, named
+
+
 def _refuse_unknown_url(location: object) -> None:
     """ValueError for a URL of a scheme JASON does not know: as a folder, it would be named after the URL."""
     if _server_kind(location) is None and isinstance(location, str) and _URL_SCHEME.match(location):
@@ -2550,6 +2572,8 @@ def _open_store(location: str | os.PathLike[str], *, namespace: str, durable: bo
     _refuse_unknown_url(location)
     if kind is not None and journal:
         raise ValueError("journal=True is for a folder: a server has a log of its own")
+    if kind is not None:
+        location, namespace = _namespace_in_url(str(location), namespace)
     if kind == "postgres":
         return _PostgresStore(str(location), namespace=namespace, durable=durable, readonly=readonly)
     if kind == "redis":

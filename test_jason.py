@@ -3169,6 +3169,20 @@ class ServerBackendMixin(_ServerBase):
         with self.assertRaisesRegex(ValueError, "namespace"):
             self.open_db(namespace="bad name; DROP TABLE x")
 
+    async def test_the_namespace_can_be_part_of_the_url(self) -> None:
+        namespace = self.options["namespace"] + "_url"
+        separator = "&" if "?" in self.location else "?"
+        by_url = JASON(f"{self.location}{separator}namespace={namespace}")
+        await by_url.save_user_data(1, {"by": "url"})
+        await by_url.close()
+        by_argument = self.open_db(namespace=namespace, default_structure={})
+        self.assertEqual(await by_argument.load_user_data(1), {"by": "url"})
+        self.assertEqual(await self.db.user_ids(), [])  # not the test's own namespace
+        listed = await asyncio.to_thread(run_cli, f"{self.location}{separator}namespace={namespace}", "ls")
+        self.assertEqual(listed.stdout.split(), ["1"], listed.stderr)
+        with self.assertRaisesRegex(ValueError, "give one"):
+            JASON(f"{self.location}{separator}namespace={namespace}", namespace="other")
+
     async def test_passwords_never_appear_in_errors_or_repr(self) -> None:
         scheme = {"postgres": "postgresql", "redis": "redis"}[self.backend]
         for url in [f"{scheme}://bot:hunter2secret@127.0.0.1:9/db", f"{scheme}://bot:hun/ter#2secret@127.0.0.1:9/0",
