@@ -4693,10 +4693,10 @@ class UpgradeTest(unittest.TestCase):
 @needs(postgres_bin_dir() and shutil.which("psql"), "PostgreSQL (apt-get install postgresql)")
 @slow
 class PostgresTest(unittest.TestCase):
-    """The README's PostgreSQL commands, run against a throwaway server on a Unix socket (no TCP)."""
+    """The documented PostgreSQL commands (docs/servers.md), run against a throwaway server on a Unix socket."""
 
     def test_the_readme_commands_load_the_jsonl_export_into_jsonb(self) -> None:
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+        with open(os.path.join(HERE, "docs", "servers.md"), encoding="utf-8") as file:
             (sql,) = re.findall(r"```sql\n(.*?)```", file.read(), re.DOTALL)
         records: dict[str, dict[str, object]] = {
             key: {"odd": key, "text": "ÿ 😀 \\ \" \t", "n": [1, 2.5, None]} for key in ODD_IDS}
@@ -4832,9 +4832,11 @@ class SuiteTest(unittest.TestCase):
         self.assertEqual(jason.HAVE_ORJSON, here == "importable")
 
     def test_every_test_the_readme_cites_exists(self) -> None:
-        """In test_jason.py, or (the framework tests) in examples/test_examples.py."""
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
-            readme = file.read()
+        """The README and docs/: in test_jason.py, or (the framework tests) in examples/test_examples.py."""
+        readme = ""
+        for path in [os.path.join(HERE, "README.md"), *sorted(glob.glob(os.path.join(HERE, "docs", "*.md")))]:
+            with open(path, encoding="utf-8") as file:
+                readme += file.read()
         cited = set(re.findall(r"`([A-Z]\w+Test)(?:\.(test_\w+))?`", readme))
         self.assertGreater(len(cited), 40)
         import importlib.util

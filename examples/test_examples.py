@@ -719,8 +719,13 @@ class PTBKillTest(FormKillMixin, unittest.TestCase):
 
 class ReadmeSnippetsTest(unittest.TestCase):
     def test_the_readme_snippets_are_the_examples_code(self) -> None:
+        """docs/frameworks.md's snippets, and the README's open and close hooks, are the examples' code."""
         with open(os.path.join(HERE, "..", "README.md"), encoding="utf-8") as file:
-            readme = file.read()
+            front = re.findall(r"```python\n(.*?)```", file.read(), re.DOTALL)[1]  # after the first example
+        with open(os.path.join(HERE, "aiogram_bot.py"), encoding="utf-8") as file:
+            self.assertIn(front.strip("\n"), file.read())
+        with open(os.path.join(HERE, "..", "docs", "frameworks.md"), encoding="utf-8") as file:
+            readme = file.read() + "\n## "  # the last section ends too
         for heading, examples in [
             ("## Use with your bot framework", ("aiogram_bot.py", "ptb_bot.py")),
             ("## Your framework's own state", ("aiogram_form_bot.py", "ptb_conversation_bot.py")),
