@@ -72,7 +72,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Final, Generic, Literal, NoReturn, Optional, Protocol, TypeVar, cast
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Iterator, Sequence
 
     from typing_extensions import TypeVar as TypeVarWithDefault
 
@@ -1658,6 +1658,40 @@ async def _in_thread(func: Callable[..., _T], *args: Any) -> _T:
     return await _wait_for_thread(_io_executor().submit(func, *args))
 
 
+class _Busy:
+    """A count of operations under way, and every coroutine waiting for them to end (a close, a barrier).
+
+    Each waiter has a future of its own, made in its own loop, so any number may wait at once.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self.wake()
+
+    def wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def until(self, idle: Callable[[], bool]) -> None:
+        """Wait until idle() holds; it is checked again whenever the count reaches zero or wake() is called."""
+        while not idle():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+
 # ---------------------------------------------------------------- the store interface
 #
 # A store is where a JASON's records live: a folder, a PostgreSQL table or a
@@ -1994,8 +2028,7 @@ class _ServerStore:
         self._client_loop: asyncio.AbstractEventLoop | None = None
         # close() waits for the plain calls under way (each a statement or two); an edit, or a lock
         # held by exclusive(), may be what calls close(), so the last of those closes the client instead.
-        self._calls = 0
-        self._calls_done: asyncio.Event | None = None
+        self._calls = _Busy()
         self._open_edits = 0
         self._connecting: asyncio.Lock | None = None
         self._connecting_loop: asyncio.AbstractEventLoop | None = None
@@ -2060,9 +2093,7 @@ class _ServerStore:
         one that starts later is refused and writes nothing.
         """
         self.closed = True
-        while self._calls:
-            self._calls_done = asyncio.Event()
-            await self._calls_done.wait()
+        await self._calls.until(lambda: self._calls.count == 0)
         if self._open_edits == 0:
             await self._release_client()
 
@@ -2071,13 +2102,8 @@ class _ServerStore:
         """A plain call, counted for close(); a write (operation given) is checked in the same step."""
         if operation is not None:
             self.check_writable(operation)
-        self._calls += 1
-        try:
+        with self._calls.counting():
             yield
-        finally:
-            self._calls -= 1
-            if self._calls == 0 and self._calls_done is not None:
-                self._calls_done.set()
 
     async def _release_client(self) -> None:
         client, self._client = self._client, None
@@ -3041,7 +3067,7 @@ class _AiogramStorage:
     def __init__(self, db: JASON) -> None:
         self.db = _own_database(db, "AiogramStorage")
         self._locks_held: dict[asyncio.Task[Any] | None, int] = {}  # isolation locks held (or awaited), by task
-        self._locks_released: asyncio.Event | None = None
+        self._locks_released = _Busy()
 
     async def _entry(self, key: Any) -> dict[str, Any]:
         user, name = _aiogram_place(key)
@@ -3108,9 +3134,7 @@ class _AiogramStorage:
     async def close(self) -> None:
         """Close the JASON once every update under way (each holding an isolation lock) has finished."""
         current = asyncio.current_task()
-        while any(count for task, count in self._locks_held.items() if task is not current):
-            self._locks_released = asyncio.Event()
-            await self._locks_released.wait()
+        await self._locks_released.until(lambda: not any(task is not current for task in self._locks_held))
         await self.db.close()
 
     @contextlib.asynccontextmanager
@@ -3124,8 +3148,7 @@ class _AiogramStorage:
             self._locks_held[task] -= 1
             if not self._locks_held[task]:
                 del self._locks_held[task]
-            if self._locks_released is not None:
-                self._locks_released.set()
+            self._locks_released.wake()
 
     def create_isolation(self) -> Any:
         """An event isolation for Dispatcher(events_isolation=...): one update per key at a time.
@@ -3189,8 +3212,7 @@ class _PTBPersistence:
         # The Application hands a pass's data and conversation states over at once (one gather): the
         # states wait for the data saves under way, so that after a crash no user's state is newer
         # than their data.
-        self._data_saves = 0
-        self._data_saved: asyncio.Event | None = None
+        self._data_saves = _Busy()
 
     @staticmethod
     def _digest(compact: bytes) -> bytes:
@@ -3207,13 +3229,8 @@ class _PTBPersistence:
 
     async def _save(self, record_id: str, data: object, what: str) -> None:
         """Save data as record_id unless it is what was stored last; remember a failure for flush()."""
-        self._data_saves += 1
-        try:
+        with self._data_saves.counting():
             await self._save_data(record_id, data, what)
-        finally:
-            self._data_saves -= 1
-            if self._data_saves == 0 and self._data_saved is not None:
-                self._data_saved.set()
 
     async def _save_data(self, record_id: str, data: object, what: str) -> None:
         try:
@@ -3304,9 +3321,7 @@ class _PTBPersistence:
         record_id = f"conversations_{name}"
         self._conversation_changes.setdefault(record_id, {})[conversation] = new_state
         await asyncio.sleep(0)  # every update of this pass has started: its data saves are counted
-        while self._data_saves:
-            self._data_saved = asyncio.Event()
-            await self._data_saved.wait()
+        await self._data_saves.until(lambda: self._data_saves.count == 0)
         await self._save_conversations(record_id)
 
     def _data_unsaved(self, conversation: str) -> str | None:
