@@ -8,23 +8,35 @@ UNITTEST := $(PYTHON) -m unittest $(if $(V),-v,)
 
 .PHONY: test test-installed test-stdlib quick selftest lint bench bench-servers clean version check
 
-## test: the suite with the optional packages as installed, then with them blocked
+# Runs $(1) in two processes at once, one per core, sharing the test classes as they go (each class is
+# claimed by the first process to reach it: see "how the suite runs" in test_jason.py). Each process's
+# output is shown when both have finished; the run fails if either fails.
+define in_two_processes
+	@rm -rf build/claims-$@ && mkdir -p build/claims-$@
+	@echo "$(1)  (in two processes)"
+	@JASON_CLAIMS=$(CURDIR)/build/claims-$@ $(1) > build/claims-$@/first.log 2>&1 & first=$$!; \
+	JASON_CLAIMS=$(CURDIR)/build/claims-$@ $(1) > build/claims-$@/second.log 2>&1; second=$$?; \
+	wait $$first; first=$$?; cat build/claims-$@/first.log build/claims-$@/second.log; \
+	test $$first -eq 0 && test $$second -eq 0
+endef
+
+## test: the suite with the optional packages as installed, then the codec's part with orjson blocked
 test: test-installed test-stdlib
 
 test-installed:
-	$(UNITTEST) $(TESTS)
+	$(call in_two_processes,$(UNITTEST) $(TESTS))
 
-## test-stdlib: the same suite with orjson and aiofiles blocked (children inherit the block)
+## test-stdlib: with orjson blocked (children inherit the block): the codec's parity checks and the folder API
 test-stdlib: $(STDLIB_ONLY)/sitecustomize.py
-	PYTHONPATH=$(STDLIB_ONLY) $(UNITTEST) $(TESTS)
+	$(call in_two_processes,PYTHONPATH=$(STDLIB_ONLY) $(UNITTEST) test_jason)
 
-$(STDLIB_ONLY)/sitecustomize.py:
+$(STDLIB_ONLY)/sitecustomize.py: Makefile
 	mkdir -p $(STDLIB_ONLY)
-	printf 'import sys\nsys.modules["orjson"] = None\nsys.modules["aiofiles"] = None\n' > $@
+	printf 'import sys\nsys.modules["orjson"] = None\n' > $@
 
 ## quick: the inner loop, in seconds: one pass, without the slow tests (kill loop, packaging, 100,000 users)
 quick:
-	JASON_QUICK=1 $(UNITTEST) test_jason
+	$(call in_two_processes,JASON_QUICK=1 $(UNITTEST) test_jason)
 
 selftest:
 	$(PYTHON) jason.py --selftest

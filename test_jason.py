@@ -52,8 +52,11 @@ logging.getLogger("asyncio").setLevel(logging.ERROR)
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD_TIMEOUT = 60
 # `make quick` sets JASON_QUICK=1: the slow tests skip and the CLI works on a smaller folder.
+# CI sets JASON_FULL=1: the full sizes (10,000-user folders and copies); 2,000 already crosses every
+# batch boundary (32, 64, 256 and 1,000 records) and the progress counter's threshold.
 QUICK = os.environ.get("JASON_QUICK") == "1"
-CLI_USERS = 500 if QUICK else 10_000
+FULL = os.environ.get("JASON_FULL") == "1"
+CLI_USERS = 500 if QUICK else 10_000 if FULL else 2_000
 OPTIONAL_PACKAGES_BLOCKED = sys.modules.get("orjson", "not imported") is None  # make test-stdlib
 _missing_here: list[str] = []
 
@@ -2958,7 +2961,7 @@ def read_record_files(folder: str) -> dict[str, dict[str, Any]]:
 
 
 class MigrateCommandTest(unittest.TestCase):
-    """python jason.py FOLDER migrate --migrations MODULE:NAME [--apply], on 10,000 users (500 in make quick)."""
+    """jason FOLDER migrate --migrations MODULE:NAME [--apply], on CLI_USERS users (2,000; 10,000 in CI; 500 quick)."""
 
     def setUp(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="jason-migrate-")
@@ -3234,9 +3237,9 @@ class ServerBackendMixin(_ServerBase):
                       result.stderr)
         self.assertNotIn("jason-db", result.stdout)
 
-    async def test_copy_moves_10000_users_both_ways_exactly(self) -> None:
+    async def test_copy_moves_10000_users_both_ways_exactly(self) -> None:  # 2,000 unless JASON_FULL=1
         records: dict[str, dict[str, object]] = {
-            str(u): {"n": u, "name": f"user {u} ✓", "tags": ["a", "é"]} for u in range(9_990)}
+            str(u): {"n": u, "name": f"user {u} ✓", "tags": ["a", "é"]} for u in range(CLI_USERS - len(ODD_IDS))}
         records.update({key: {"odd": key, "text": "non-ASCII: ÿ 😀 \x00"} for key in ODD_IDS})
         source, back = os.path.join(self._tmp.name, "source"), os.path.join(self._tmp.name, "back")
         await asyncio.to_thread(fill_folder, source, records)
@@ -3244,15 +3247,15 @@ class ServerBackendMixin(_ServerBase):
         server = self.options["namespace"]
         copy = await asyncio.to_thread(run_cli_with_namespace, server, source, "copy", target)
         self.assertEqual(copy.returncode, 0, copy.stderr)
-        self.assertIn("copied 10000 users", copy.stderr)
-        self.assertIn("all 10000 verified", copy.stderr)
+        self.assertIn(f"copied {CLI_USERS} users", copy.stderr)
+        self.assertIn(f"all {CLI_USERS} verified", copy.stderr)
         again = await asyncio.to_thread(run_cli_with_namespace, server, source, "copy", target)
         self.assertIn("copied 0 users", again.stderr)  # run again: nothing left to do, nothing replaced
         self.assertEqual(sorted(await self.db.user_ids()), sorted(records))
         home = await asyncio.to_thread(run_cli_with_namespace, server, target, "copy", back)
         self.assertEqual(home.returncode, 0, home.stderr)
         self.assertEqual(await asyncio.to_thread(read_folder, back), records)
-        for command, expected in [(("ls", "--count"), "10000\n"), (("get", "Zoë"), None)]:
+        for command, expected in [(("ls", "--count"), f"{CLI_USERS}\n"), (("get", "Zoë"), None)]:
             result = await asyncio.to_thread(run_cli_with_namespace, server, target, *command)
             self.assertEqual(result.returncode, 0, result.stderr)
             if expected is not None:
@@ -4121,7 +4124,7 @@ ODD_IDS = ["Zoë", "Привет", "a.b", "../up", "new\nline", "CON", "x y", "�
 
 
 class CLITest(unittest.TestCase):
-    """The command line on a real folder of 10,000 users (500 in make quick)."""
+    """The command line on a real folder of 2,000 users (10,000 with JASON_FULL=1, 500 in make quick)."""
 
     _tmp: ClassVar[tempfile.TemporaryDirectory[str]]
     folder: ClassVar[str]
@@ -4389,7 +4392,7 @@ class CLITest(unittest.TestCase):
         _, stderr = process.communicate(timeout=CHILD_TIMEOUT)
         return process.returncode, stderr
 
-    @slow  # needs the 10,000-user folder, so that the export is still running when Ctrl-C comes
+    @slow  # needs the big folder, so that the export is still running when Ctrl-C comes
     @unittest.skipIf(sys.platform == "win32", "SIGINT")
     def test_ctrl_c_during_export_leaves_no_half_file(self) -> None:
         out = os.path.join(self._tmp.name, "interrupted.jsonl")
@@ -4408,15 +4411,15 @@ class CLITest(unittest.TestCase):
         source = os.path.join(self._tmp.name, "all.jsonl")
         self.assertEqual(run_cli(self.folder, "export", source).returncode, 0)
         folder = self.scratch()
-        process = self.start_cli(folder, "import", source)  # durable saves: seconds for 10,000 users
+        process = self.start_cli(folder, "import", source)  # durable saves: about a second for 2,000 users
         status, stderr = self.interrupt_when(
             process, lambda: os.path.isdir(folder) and len(os.listdir(folder)) > 200)
         self.assertEqual(status, 130, stderr)
         self.assertNotIn("Traceback", stderr)
         last = stderr.strip().splitlines()[-1]
-        self.assertRegex(last, r"^jason: interrupted after importing at least \d+ of 10000 users; "
+        self.assertRegex(last, rf"^jason: interrupted after importing at least \d+ of {CLI_USERS} users; "
                                "run the same command again")
-        done = int(re.search(r"importing (\d+) of", last)[1])  # type: ignore[index]
+        done = int(re.search(r"importing at least (\d+) of", last)[1])  # type: ignore[index]
         self.assertLessEqual(done, len(os.listdir(folder)))  # at least that many landed
         result = run_cli(folder, "import", source)
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -4852,6 +4855,65 @@ class SuiteTest(unittest.TestCase):
                 self.assertIsNotNone(test_class, f"the README cites {class_name}, which does not exist")
                 if method:
                     self.assertTrue(hasattr(test_class, method), f"the README cites {class_name}.{method}")
+
+
+# ---------------------------------------------------------------- how the suite runs
+#
+# `make test` runs the suite in two processes at once, one per core of the machines this project is
+# built on. Each loads every test class and, when it reaches one, claims it by creating a file named
+# after it in JASON_CLAIMS: the first to create it runs the class, the other passes it by. So the
+# work is shared as it goes, and the heaviest classes are reached first.
+HEAVY_FIRST = ("RedisServerTest", "PostgresServerTest", "SyscallTest", "ProcessesTest", "CLITest",
+               "MigrateCommandTest", "PackagingTest", "UpgradeTest", "JournalTest", "PostgresTest")
+
+# `make test-stdlib` runs again with orjson blocked. Only the JSON codec changes with it, so that pass
+# runs the codec's own checks (parity with orjson, byte for byte and error for error) and the folder
+# API and command line that go through it, not every server and framework test a second time.
+STDLIB_PASS = {"StdlibParityTest", "ConstructionTest", "LoadTest", "SaveTest", "EditTest", "DeleteTest",
+               "UserIdMappingTest", "CorruptionTest", "QuarantineTest", "BadInputSweepTest", "CacheTest",
+               "ConcurrencyTest", "UsersTest", "MigrationTest", "JournalTest", "CLITest", "CLIMistakesTest", "SuiteTest"}
+
+
+class _ClaimedSuite(unittest.TestSuite):
+    """One test class's tests, run by the process that claims the class first (see JASON_CLAIMS)."""
+
+    def __init__(self, name: str, tests: unittest.TestSuite) -> None:
+        super().__init__(tests)
+        self.name = name
+
+    def run(self, result: unittest.TestResult, debug: bool = False) -> unittest.TestResult:
+        claims = os.environ.get("JASON_CLAIMS")
+        if claims:
+            try:
+                os.close(os.open(os.path.join(claims, self.name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return result  # the other process runs it
+        return super().run(result, debug)
+
+
+def claimed(tests: unittest.TestSuite, keep: Callable[[str], bool] = lambda name: True) -> unittest.TestSuite:
+    """tests, one _ClaimedSuite per test class, the heaviest first; only the classes keep() accepts."""
+    by_class: dict[str, list[unittest.TestCase]] = {}
+
+    def collect(suite: unittest.TestSuite | unittest.TestCase) -> None:
+        if isinstance(suite, unittest.TestSuite):
+            for test in suite:
+                collect(test)
+        else:
+            by_class.setdefault(f"{type(suite).__module__}.{type(suite).__qualname__}", []).append(suite)
+
+    collect(tests)
+    def rank(name: str) -> int:
+        short = name.rsplit(".", 1)[-1]
+        return HEAVY_FIRST.index(short) if short in HEAVY_FIRST else len(HEAVY_FIRST)
+
+    order = sorted(by_class, key=rank)  # stable: the rest keep the order they are defined in
+    return unittest.TestSuite(_ClaimedSuite(name, unittest.TestSuite(by_class[name]))
+                              for name in order if keep(name.rsplit(".", 1)[-1]))
+
+
+def load_tests(loader: unittest.TestLoader, tests: unittest.TestSuite, pattern: str | None) -> unittest.TestSuite:
+    return claimed(tests, (lambda name: name in STDLIB_PASS) if OPTIONAL_PACKAGES_BLOCKED else lambda name: True)
 
 
 if __name__ == "__main__":

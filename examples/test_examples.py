@@ -741,5 +741,12 @@ class ReadmeSnippetsTest(unittest.TestCase):
                     self.assertIn(block.strip("\n"), code, f"the README's {example} snippet drifted from the example")
 
 
+def load_tests(loader: unittest.TestLoader, tests: unittest.TestSuite, pattern: str | None) -> unittest.TestSuite:
+    """Shared between `make test`'s two processes, as test_jason's classes are."""
+    import test_jason
+
+    return test_jason.claimed(tests)
+
+
 if __name__ == "__main__":
     unittest.main()
