@@ -2305,19 +2305,9 @@ class LockFileTest(unittest.TestCase):
 # ---------------------------------------------------------------- framework adapters
 
 
-def imports(module: str) -> bool:
-    """True when module imports here: aiogram needs aiofiles, which `make test-stdlib` blocks."""
-    import importlib
-
-    try:
-        importlib.import_module(module)
-        return True
-    except ImportError:
-        return False
-
-
-HAVE_AIOGRAM = imports("aiogram")
-HAVE_PTB = imports("telegram.ext")
+# Looked up, not imported: importing aiogram takes seconds, paid only by the process that runs its tests.
+HAVE_AIOGRAM = importable("aiogram")
+HAVE_PTB = importable("telegram")
 
 
 class AdapterMixin(FolderMixin):
@@ -2678,6 +2668,7 @@ class AdapterImportTest(unittest.TestCase):
         """
         self.assertEqual(run_child(probe).stdout.strip(), "[]")
 
+    @slow  # a child that imports both frameworks: seconds
     def test_the_adapters_are_public_names_where_their_framework_is_installed(self) -> None:
         probe = """
             import sys
@@ -4871,7 +4862,8 @@ HEAVY_FIRST = ("RedisServerTest", "PostgresServerTest", "SyscallTest", "Processe
 # API and command line that go through it, not every server and framework test a second time.
 STDLIB_PASS = {"StdlibParityTest", "ConstructionTest", "LoadTest", "SaveTest", "EditTest", "DeleteTest",
                "UserIdMappingTest", "CorruptionTest", "QuarantineTest", "BadInputSweepTest", "CacheTest",
-               "ConcurrencyTest", "UsersTest", "MigrationTest", "JournalTest", "CLITest", "CLIMistakesTest", "SuiteTest"}
+               "ConcurrencyTest", "UsersTest", "MigrationTest", "JournalTest", "CLITest", "CLIMistakesTest",
+               "SuiteTest"}
 
 
 class _ClaimedSuite(unittest.TestSuite):
