@@ -2076,7 +2076,7 @@ class JournalTest(FolderMixin):
         with mock.patch.object(jason, "JOURNAL_CHECKPOINT_BYTES", 1):
             async with JASON(self.folder, readonly=True) as reader:
                 seen = -1
-                for v in range(300):
+                for v in range(150):
                     await self.db.save_user_data(1, {"v": v})
                     if v % 2 == 0:  # when the new journal may have the inode of the one read last
                         now = (await reader.load_user_data(1))["v"]
@@ -2239,6 +2239,7 @@ class JournalLifecycleTest(unittest.TestCase):
             with self.subTest(round=round_number):
                 asyncio.run(trial(round_number))
 
+    @slow  # a dozen child processes
     def test_a_fifo_named_like_the_journal_is_refused_never_waited_on(self) -> None:
         os.mkdir(self.folder)
         for name in (jason.JOURNAL_NAME, jason.JOURNAL_CHECKPOINTING_NAME):
@@ -4348,6 +4349,7 @@ class CLITest(unittest.TestCase):
             self.assertNotIn("Traceback", result.stderr)
             self.assertEqual(result.returncode, 2)
 
+    @slow  # a dozen child processes
     def test_import_refuses_bad_files_whole_with_the_line_number(self) -> None:
         folder = self.scratch()
         run_cli(folder, "import", "-", stdin='{"user_id": "old", "data": {"v": 1}}\n')
