@@ -4371,7 +4371,19 @@ class CLITest(unittest.TestCase):
         self.assert_fails(run_cli(folder, "import", os.path.join(self._tmp.name, "nope.jsonl")), 1, "No such file")
 
     def start_cli(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, os.path.join(HERE, "jason.py"), *args], env=child_env(), text=True,
+        """The command in a child whose JSON work takes a millisecond a record, so that Ctrl-C comes while it
+        runs however fast the disk and however busy the machine."""
+        slowed = """
+            import sys, time, jason
+            def slowed(function):
+                def slow(*args, **kwargs):
+                    time.sleep(0.001)
+                    return function(*args, **kwargs)
+                return slow
+            jason._loads, jason._dumps = slowed(jason._loads), slowed(jason._dumps)
+            sys.exit(jason.main(sys.argv[1:]))
+        """
+        return subprocess.Popen([sys.executable, "-c", textwrap.dedent(slowed), *args], env=child_env(), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def interrupt_when(self, process: subprocess.Popen[str], ready: Callable[[], bool]) -> tuple[int, str]:
@@ -4385,7 +4397,7 @@ class CLITest(unittest.TestCase):
         _, stderr = process.communicate(timeout=CHILD_TIMEOUT)
         return process.returncode, stderr
 
-    @slow  # needs the big folder, so that the export is still running when Ctrl-C comes
+    @slow
     @unittest.skipIf(sys.platform == "win32", "SIGINT")
     def test_ctrl_c_during_export_leaves_no_half_file(self) -> None:
         out = os.path.join(self._tmp.name, "interrupted.jsonl")
@@ -4404,7 +4416,7 @@ class CLITest(unittest.TestCase):
         source = os.path.join(self._tmp.name, "all.jsonl")
         self.assertEqual(run_cli(self.folder, "export", source).returncode, 0)
         folder = self.scratch()
-        process = self.start_cli(folder, "import", source)  # durable saves: about a second for 2,000 users
+        process = self.start_cli(folder, "import", source)
         status, stderr = self.interrupt_when(
             process, lambda: os.path.isdir(folder) and len(os.listdir(folder)) > 200)
         self.assertEqual(status, 130, stderr)
