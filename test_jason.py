@@ -4371,10 +4371,13 @@ class CLITest(unittest.TestCase):
         self.assert_fails(run_cli(folder, "import", os.path.join(self._tmp.name, "nope.jsonl")), 1, "No such file")
 
     def start_cli(self, *args: str) -> subprocess.Popen[str]:
-        """The command in a child whose JSON work takes a millisecond a record, so that Ctrl-C comes while it
-        runs however fast the disk and however busy the machine."""
+        """The command in a child that takes Ctrl-C, and whose JSON work takes a millisecond a record, so that
+        Ctrl-C comes while it runs however fast the disk and however busy the machine."""
         slowed = """
-            import sys, time, jason
+            import signal, sys, time, jason
+            # Ctrl-C must reach it: a shell starts a command in the background with SIGINT ignored, and
+            # `make test` starts one of its two processes so (the children inherit that).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             def slowed(function):
                 def slow(*args, **kwargs):
                     time.sleep(0.001)
