@@ -15,6 +15,7 @@ define in_two_processes
 	@rm -rf build/claims-$@ && mkdir -p build/claims-$@
 	@echo "$(1)  (in two processes)"
 	@JASON_CLAIMS=$(CURDIR)/build/claims-$@ $(1) > build/claims-$@/first.log 2>&1 & first=$$!; \
+	trap 'kill $$first 2>/dev/null' INT TERM; \
 	JASON_CLAIMS=$(CURDIR)/build/claims-$@ $(1) > build/claims-$@/second.log 2>&1; second=$$?; \
 	wait $$first; first=$$?; cat build/claims-$@/first.log build/claims-$@/second.log; \
 	test $$first -eq 0 && test $$second -eq 0

@@ -56,6 +56,11 @@ CHILD_TIMEOUT = 60
 # batch boundary (32, 64, 256 and 1,000 records) and the progress counter's threshold.
 QUICK = os.environ.get("JASON_QUICK") == "1"
 FULL = os.environ.get("JASON_FULL") == "1"
+
+# `make test` starts one of its two processes in the background, where a shell ignores SIGINT: take it
+# back, so that Ctrl-C stops that process too (and with it the servers it started).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 CLI_USERS = 500 if QUICK else 10_000 if FULL else 2_000
 OPTIONAL_PACKAGES_BLOCKED = sys.modules.get("orjson", "not imported") is None  # make test-stdlib
 _missing_here: list[str] = []
