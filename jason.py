@@ -1924,12 +1924,8 @@ EDIT_LOCK_SECONDS: Final = 30
 
 # A PostgreSQL location keeps a pool of this many connections per event loop; an open edit holds
 # one for as long as its block runs, and at most this many saves, edits and deletes run at once
-# (more wait their turn, holding nothing). What runs inside an edit (a load or an edit of another
-# user) has a second pool of this size, and exclusive()'s locks a third.
+# (more wait their turn, holding nothing). exclusive()'s locks have a pool of the same size.
 POSTGRES_POOL_SIZE: Final = 16
-# Inside an edit, a call waits at most this long for a connection of the second pool, then opens
-# one of its own: it must never wait for an edit to end, since that edit may be waiting for it.
-NESTED_POOL_WAIT_SECONDS: Final = 0.05
 # Set for the task running a write (and the tasks it starts): it was admitted, and whether it holds
 # a connection of the records pool. A call made while it holds one is a nested call.
 _ADMITTED: contextvars.ContextVar[bool] = contextvars.ContextVar("jason_admitted", default=False)
@@ -2152,8 +2148,6 @@ class _PostgresStore(_ServerStore):
         # holders doing their work through the records pool can never starve each other of connections.
         # Each pool connects only when first used.
         self._lock_pool = await self.driver.create_pool(self.url, min_size=0, max_size=POSTGRES_POOL_SIZE)
-        self._nested_pool = await self.driver.create_pool(self.url, min_size=0, max_size=POSTGRES_POOL_SIZE,
-                                                          server_settings=self._settings())
         self._admission = asyncio.Semaphore(POSTGRES_POOL_SIZE)  # made in the loop of the pool
         return pool
 
@@ -2162,7 +2156,6 @@ class _PostgresStore(_ServerStore):
 
     async def _disconnect(self, client: Any) -> None:
         await self._lock_pool.close()
-        await self._nested_pool.close()
         await client.close()
 
     @contextlib.asynccontextmanager
@@ -2203,27 +2196,21 @@ class _PostgresStore(_ServerStore):
         Outside any edit a call waits its turn for the pool, so a bot with
         more busy users than connections slows down. Inside an edit (a load or
         a nested edit of another user, in this task or one it started),
-        waiting could last forever, since every connection may be held by an
-        edit that waits for this one: such a call takes a connection of the
-        second pool, or opens one of its own if none is free at once.
+        waiting for any shared connection could last forever, since each may
+        be held by an edit that waits for this one: such a call opens a
+        connection of its own for its duration (a few milliseconds on a local
+        socket). A pool of them was tried: a connect cut short by its
+        timeout left the pool unable to close.
         """
         if not _HOLDING.get():
             async with pool.acquire() as connection:
                 yield connection
             return
-        try:
-            connection = await self._nested_pool.acquire(timeout=NESTED_POOL_WAIT_SECONDS)
-        except asyncio.TimeoutError:
-            connection = await self.driver.connect(self.url, server_settings=self._settings())
-            try:
-                yield connection
-            finally:
-                await connection.close()
-            return
+        connection = await self.driver.connect(self.url, server_settings=self._settings())
         try:
             yield connection
         finally:
-            await self._nested_pool.release(connection)
+            await connection.close()
 
     async def _read_with(self, connection: Any, key: str, lock: str = "") -> bytes | None:
         try:
