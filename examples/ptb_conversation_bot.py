@@ -74,7 +74,7 @@ async def count(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 
 
 def build_application(builder: ApplicationBuilder, update_interval: float = 1) -> Application:
-    # Changes reach the JASON every update_interval seconds: a crash loses at most about that much (see docs/frameworks.md).
+    # Changes reach the JASON every update_interval seconds (what a crash can lose: docs/frameworks.md).
     db = JASON(os.environ.get("JASON_PTB_FOLDER", "data/ptb"))
 
     async def close_db(application: Application) -> None:
