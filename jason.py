@@ -535,8 +535,8 @@ def _user_key_from_file_name(name: str) -> str | None:
 # ---------------------------------------------------------------- blocking file helpers
 
 
-def _open_regular_file_sync(path: str, refuse: Callable[[str], Exception]) -> int | None:
-    """path opened for reading, or None when it does not exist; refuse(why) for a link or a non-file.
+def _open_regular_file_sync(path: str, refuse: Callable[[str], Exception]) -> tuple[int, os.stat_result] | None:
+    """(fd, its stat) of path opened for reading, or None when it does not exist; refuse(why) for a link or a non-file.
 
     Non-blocking: a FIFO planted under a record's or a journal's name must not hang the open.
     """
@@ -548,19 +548,20 @@ def _open_regular_file_sync(path: str, refuse: Callable[[str], Exception]) -> in
         if exc.errno == errno.ELOOP:
             raise refuse("it is a symbolic link, which JASON never follows") from exc
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise refuse("it is not a regular file")
-    return fd
+    return fd, info
 
 
 def _read_record_sync(path: str) -> bytes | None:
     """The file's bytes, or None when there is no record. Refuses symlinks and non-files."""
-    fd = _open_regular_file_sync(path, functools.partial(CorruptDataError, path))
-    if fd is None:
+    opened = _open_regular_file_sync(path, functools.partial(CorruptDataError, path))
+    if opened is None:
         return None
+    fd, info = opened
     try:
-        info = os.fstat(fd)
         chunks: list[bytes] = []
         while True:  # until end of file: os.read may return less than asked
             chunk = os.read(fd, info.st_size + 1)
@@ -884,8 +885,9 @@ def _entry_may_continue(rest: bytes) -> bool:
 
 def _open_journal_sync(path: str) -> int | None:
     """A journal opened for reading, or None when there is none; JasonError for a link or a non-file."""
-    return _open_regular_file_sync(
+    opened = _open_regular_file_sync(
         path, lambda why: JasonError(f"{path}: {why}, so it is no journal of JASON's; move it out of the folder"))
+    return None if opened is None else opened[0]
 
 
 def _journal_generation_sync(fd: int) -> tuple[bytes | None, int]:
@@ -1732,9 +1734,17 @@ class _Store(Protocol):
     async def close(self) -> None: ...  # after the writes under way
 
 
-@contextlib.asynccontextmanager
-async def _no_wait() -> AsyncIterator[None]:
-    yield
+class _NoWait:
+    """An admit() that waits for nothing: one shared object, so a save makes no context manager for it."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+_NO_WAIT: Final = _NoWait()
 
 
 def _check_open_for_writing(location: str, closed: bool, readonly: bool, operation: str) -> None:
@@ -1891,7 +1901,7 @@ class _FolderStore:
         return self._named_locks.hold(name)
 
     def admit(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return _no_wait()  # a write here waits for nothing that another write could hold
+        return _NO_WAIT  # a write here waits for nothing that another write could hold
 
     async def close(self) -> None:
         with _registry_lock:  # a write is either registered before this, and waited for, or refused
@@ -2046,7 +2056,7 @@ class _ServerStore:
         return f"{self.location} user {key!r}"
 
     def admit(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return _no_wait()  # Redis: a connection is held only for one command, never across user code
+        return _NO_WAIT  # Redis: a connection is held only for one command, never across user code
 
     async def client(self) -> Any:
         """The connection pool or client for the running loop, made once, on first use."""
