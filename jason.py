@@ -115,6 +115,10 @@ TEMP_PREFIX: Final = ".jason-tmp-"
 # journal=True: the writer's saves, appended here and written to the records at each checkpoint.
 JOURNAL_NAME: Final = ".jason-journal"
 JOURNAL_CHECKPOINTING_NAME: Final = ".jason-journal-checkpoint"  # the journal a checkpoint is applying
+# Records a framework adapter keeps are marked as its own (see JASON._ready): in a folder, this file;
+# on PostgreSQL, the table's comment; on Redis, the key "<namespace>:owner". Each holds OWNER_MARK + name.
+OWNER_FILE_NAME: Final = ".jason-owner"
+OWNER_MARK: Final = "JASON records of "
 # A checkpoint starts this long after the first save into an empty journal, or once the journal is
 # this big: the most a record's file lags its latest save, and the most a replay after a crash reads.
 JOURNAL_CHECKPOINT_SECONDS: Final = 1.0
@@ -1722,6 +1726,8 @@ class _Store(Protocol):
     async def exists(self, key: str) -> bool: ...
     async def keys(self) -> list[str]: ...  # every stored key, sorted
     async def quarantine(self, key: str, operation: str) -> str: ...  # move a corrupt record aside; where to
+    async def owner(self) -> str | None: ...  # the adapter these records are marked as the state of, or None
+    async def claim(self, owner: str, operation: str) -> None: ...  # mark the records as owner's
 
     # An edit's records: cross-process exclusion where the store needs it, and
     # an object with read, write and quarantine that work inside it.
@@ -1745,6 +1751,14 @@ class _NoWait:
 
 
 _NO_WAIT: Final = _NoWait()
+
+
+def _owner_in_mark(mark: str | bytes | None) -> str | None:
+    """The adapter named by an owner mark (see OWNER_MARK); None for no mark, or text that is not one."""
+    text = mark.decode("utf-8", "replace") if isinstance(mark, bytes) else mark
+    if text is None or not text.startswith(OWNER_MARK):
+        return None
+    return text[len(OWNER_MARK):].strip() or None
 
 
 def _check_open_for_writing(location: str, closed: bool, readonly: bool, operation: str) -> None:
@@ -1890,6 +1904,13 @@ class _FolderStore:
 
     async def quarantine(self, key: str, operation: str) -> str:
         return await self._write_in_thread(operation, _quarantine_sync, self.folder, _file_name(key), self.durable)
+
+    async def owner(self) -> str | None:
+        return _owner_in_mark(await _in_thread(_read_record_sync, os.path.join(self.folder, OWNER_FILE_NAME)))
+
+    async def claim(self, owner: str, operation: str) -> None:
+        await self._write_in_thread(operation, _write_atomic_sync, self.folder, OWNER_FILE_NAME,
+                                    f"{OWNER_MARK}{owner}\n".encode(), self.durable, self._folder_sync)
 
     @contextlib.asynccontextmanager
     async def transaction(self, key: str) -> AsyncIterator[_FolderStore]:
@@ -2270,6 +2291,16 @@ class _PostgresStore(_ServerStore):
             await connection.execute(f"DELETE FROM {self.table} WHERE user_id = $1", _sql_id(key))
         return f"{self.location} table {self.namespace}_corrupt"
 
+    async def owner(self) -> str | None:
+        async with self._call(), self._connection(await self._pool()) as connection:
+            comment = await connection.fetchval("SELECT obj_description(to_regclass($1), 'pg_class')", self.table)
+        return _owner_in_mark(comment)
+
+    async def claim(self, owner: str, operation: str) -> None:
+        mark = (OWNER_MARK + owner).replace("'", "''")  # COMMENT takes no parameter: a quoted literal
+        async with self._call(operation), self._connection(await self._pool(writing=True)) as connection:
+            await connection.execute(f"COMMENT ON TABLE {self.table} IS '{mark}'")
+
     @contextlib.asynccontextmanager
     async def transaction(self, key: str) -> AsyncIterator[_PostgresEdit]:
         """A transaction holding the user's row lock: other processes' writes of the user wait for it."""
@@ -2485,6 +2516,14 @@ class _RedisStore(_ServerStore):
             await self._write(key, b"", operation, token)
         return f"{self.location} hash {corrupt.decode()}"
 
+    async def owner(self) -> str | None:
+        async with self._call():
+            return _owner_in_mark(await (await self.client()).get(f"{self.namespace}:owner"))
+
+    async def claim(self, owner: str, operation: str) -> None:
+        async with self._call(operation):
+            await (await self.client()).set(f"{self.namespace}:owner", OWNER_MARK + owner)
+
     @contextlib.asynccontextmanager
     async def transaction(self, key: str) -> AsyncIterator[_RedisEdit]:
         """Hold the user's lock key for the edit: every other process's write of the user waits for it."""
@@ -2693,6 +2732,10 @@ class JASON(Generic[Record]):
         self._locks: _UserLocks = self._store.locks
         self._cache = _RecordCache(cache_size if self._store.caches else 0)
         self._store.share_cache(self._cache)
+        # Whose records these are: None for users' records, else the adapter's name (see _ready).
+        self._owner: str | None = None
+        self._looks_owned: Callable[[str, dict[str, Any]], bool] = lambda key, data: False
+        self._owner_checked = False
 
     def __repr__(self) -> str:
         mode = "readonly" if self._readonly else "closed" if self._store.closed else "open"
@@ -2737,7 +2780,9 @@ class JASON(Generic[Record]):
         stored file is not a JSON object, and JasonError when a migration
         raises or the record is newer than the migrations.
         """
-        return cast("Record", await self._load(self._key(user_id)))
+        key = self._key(user_id)
+        await self._ready()
+        return cast("Record", await self._load(key))
 
     async def _load(self, key: str) -> dict[str, Any]:
         cached = self._cache.get(key)
@@ -2768,6 +2813,7 @@ class JASON(Generic[Record]):
         """
         key = self._key(user_id)
         self._store.check_writable("save_user_data")
+        await self._ready()
         _file_name(key)  # every backend takes the ids a folder can name, so records can move between them
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a dict, not {type(data).__name__}")
@@ -2795,6 +2841,7 @@ class JASON(Generic[Record]):
         """
         key = self._key(user_id)
         self._store.check_writable("edit_user_data")
+        await self._ready()
         async with self._hold(key, "edit_user_data"), self._store.transaction(key) as records:
             data = await self._load_locked(key, records)
             yield cast("Record", data)
@@ -2805,6 +2852,7 @@ class JASON(Generic[Record]):
         """Delete the user's record; True when there was one."""
         key = self._key(user_id)
         self._store.check_writable("delete_user_data")
+        await self._ready()
         _file_name(key)  # an id too long for any record fails before anything is touched
         async with self._hold(key, "delete_user_data"):
             try:
@@ -2817,6 +2865,7 @@ class JASON(Generic[Record]):
     async def user_exists(self, user_id: int | str) -> bool:
         """True when the user has a stored record."""
         key = self._key(user_id)
+        await self._ready()
         cached = self._cache.get(key)
         if cached is not _NOT_CACHED:
             return cached is not None
@@ -2826,6 +2875,7 @@ class JASON(Generic[Record]):
     async def user_ids(self) -> list[str]:
         """Every stored user's id as a str, sorted; never a temp, lock or stray file."""
         self._enter()
+        await self._ready()
         return await self._store.keys()
 
     async def users(self, concurrency: int = USERS_CONCURRENCY, *,
@@ -2880,6 +2930,55 @@ class JASON(Generic[Record]):
         return self._current(key, data)
 
     # -------------------------------------------------- private helpers
+
+    async def _ready(self) -> None:
+        """Once, before an instance's first call goes on: these are the records it is for.
+
+        A framework adapter marks the records it keeps as its own (see
+        OWNER_MARK), so that its state and users' records never mix: a
+        writable JASON of users' records refuses a location an adapter marked,
+        and an adapter refuses one holding other records. An adapter claims an
+        unmarked location that is empty or already holds records like its own
+        (those of a version that did not mark them). A readonly JASON of users'
+        records may read any location: it mixes nothing.
+        """
+        if self._owner_checked:
+            return
+        if self._owner is None and self._readonly:
+            self._owner_checked = True
+            return
+        marked = await self._store.owner()
+        if marked != self._owner:
+            if self._owner is None:
+                raise JasonError(f"{self._store.location} holds the state of {marked} (a framework adapter); a "
+                                 "JASON of users' records must not write there: give the users' records another "
+                                 "folder or namespace (readonly=True may read the adapter's records)")
+            if marked is not None:
+                raise JasonError(f"{self._store.location} holds the state of {marked}; give {self._owner} a "
+                                 "JASON of its own: another folder, or another namespace on a server")
+            await self._claim_unmarked(self._owner)
+        self._owner_checked = True
+
+    async def _claim_unmarked(self, owner: str) -> None:
+        """Mark an unmarked location as owner's, unless its first records are not like owner's."""
+        for key in (await self._store.keys())[:20]:
+            raw = await self._store.read(key)
+            try:
+                data = None if raw is None else _parse_record(raw, self._where(key))
+            except CorruptDataError:
+                continue  # says nothing about whose it is; a load reports it
+            if data is not None and not self._looks_owned(key, data):
+                raise JasonError(f"{self._store.location} holds records that are not {owner}'s (user {key!r} "
+                                 f"is one); give {owner} a JASON of its own: another folder, or another "
+                                 "namespace on a server")
+        if not self._readonly:
+            await self._store.claim(owner, f"{owner} marking its records")
+
+    def _hold_state_of(self, owner: str, looks_owned: Callable[[str, dict[str, Any]], bool]) -> None:
+        """Make this instance hold an adapter's records (see _ready): owner names it in messages."""
+        if self._owner not in (None, owner):
+            raise ValueError(f"this JASON holds the state of {self._owner}; give {owner} a JASON of its own")
+        self._owner, self._looks_owned, self._owner_checked = owner, looks_owned, False
 
     def _enter(self) -> None:
         """Every public call starts here: the instance is open and used from one event loop."""
@@ -3019,14 +3118,19 @@ class JASON(Generic[Record]):
 # plain classes here; the made class only adds the framework's base.
 
 
-def _own_database(db: object, adapter: str) -> JASON:
-    """db, if it can hold an adapter's records: a JASON opened without a default structure."""
+def _own_database(db: object, adapter: str, looks_owned: Callable[[str, dict[str, Any]], bool]) -> JASON:
+    """db, if it can hold an adapter's records: a JASON opened without a default structure.
+
+    looks_owned tells the adapter's records from others, where an earlier
+    version left them unmarked (see JASON._ready).
+    """
     if not isinstance(db, JASON):
         raise TypeError(f"{adapter} needs a JASON instance, not {type(db).__name__}: "
                         f"{adapter}(JASON(\"data/...\"))")
     if db._defaults:
         raise ValueError(f"{adapter} needs a JASON of its own, opened without default_structure: its "
                          "records hold the framework's state, and defaults merged into them would change it")
+    db._hold_state_of(adapter, looks_owned)
     return db
 
 
@@ -3048,6 +3152,14 @@ def _aiogram_place(key: Any) -> tuple[int | str, str]:
     return key.user_id, entry
 
 
+_AIOGRAM_ENTRY: Final = re.compile(r"bot -?[0-9]+ chat -?[0-9]+( .*)?", re.DOTALL)
+
+
+def _looks_like_aiogram_state(key: str, data: dict[str, Any]) -> bool:
+    """A Telegram user's record of entries named as _aiogram_place names them."""
+    return re.fullmatch(r"-?[0-9]+", key) is not None and all(_AIOGRAM_ENTRY.fullmatch(name) for name in data)
+
+
 class _AiogramStorage:
     """aiogram 3's FSM storage over a JASON: ``jason.AiogramStorage(JASON("data/fsm"))``.
 
@@ -3062,7 +3174,7 @@ class _AiogramStorage:
     """
 
     def __init__(self, db: JASON) -> None:
-        self.db = _own_database(db, "AiogramStorage")
+        self.db = _own_database(db, "AiogramStorage", _looks_like_aiogram_state)
         self._locks_held: dict[asyncio.Task[Any] | None, int] = {}  # isolation locks held (or awaited), by task
         self._locks_released = _Busy()
 
@@ -3175,6 +3287,14 @@ class _AiogramIsolation:
         pass  # the storage closes the JASON
 
 
+_PTB_RECORD: Final = re.compile(r"(user|chat)_-?[0-9]+|bot_data|callback_data|conversations_.+", re.DOTALL)
+
+
+def _looks_like_ptb_state(key: str, data: dict[str, Any]) -> bool:
+    """A record named as _PTBPersistence names them."""
+    return _PTB_RECORD.fullmatch(key) is not None
+
+
 def _ptb_conversation_key(name: str, key: tuple[Any, ...]) -> str:
     """A ConversationHandler key as a JSON array, "[chat, user]": ints and strs come back as they were."""
     if not isinstance(key, tuple) or not all(isinstance(part, (int, str)) for part in key):
@@ -3200,7 +3320,7 @@ class _PTBPersistence:
 
     def __init__(self, db: JASON, store_data: Any = None, update_interval: float = 1) -> None:
         super().__init__(store_data=store_data, update_interval=update_interval)  # type: ignore[call-arg]
-        self.db = _own_database(db, "PTBPersistence")
+        self.db = _own_database(db, "PTBPersistence", _looks_like_ptb_state)
         self.store_data: Any
         self._stored: dict[str, bytes] = {}  # record id -> digest of the bytes last read or saved
         self._unsaved: dict[str, str] = {}  # record id -> why its latest version could not be saved
@@ -3501,21 +3621,35 @@ _READ_ONLY_COMMANDS: Final = "ls, get, check, export and stats"
 _IMPORT_CONCURRENCY: Final = 64
 
 
+_ANY_RECORDS: Final = "*"  # no adapter's name
+
+
 def _open_location(location: str, *, write: bool = False, create: bool = False, durable: bool = True,
-                   namespace: str = DEFAULT_NAMESPACE, migrations: Sequence[Any] = ()) -> JASON:
-    """Open a folder or server URL for a command; a missing folder is an error unless create is set."""
+                   namespace: str = DEFAULT_NAMESPACE, migrations: Sequence[Any] = (),
+                   records_of: str | None = _ANY_RECORDS) -> JASON:
+    """Open a folder or server URL for a command; a missing folder is an error unless create is set.
+
+    A command reads and writes any records as they are, an adapter's too.
+    records_of names whose records it writes where that must match (copy's
+    target): None for users', or an adapter's name (see JASON._ready).
+    """
     _refuse_unknown_url(location)
     if _server_kind(location) is None:
         if not create and not os.path.isdir(os.path.expanduser(location)):
             raise _CommandError(f"no JASON folder at {location}")
         namespace = DEFAULT_NAMESPACE  # a folder is its own namespace
     try:
-        return JASON(location, readonly=not write, durable=durable, namespace=namespace, migrations=migrations)
+        db: JASON = JASON(location, readonly=not write, durable=durable, namespace=namespace, migrations=migrations)
     except DatabaseLockedError as exc:  # the library's advice (readonly=True) means nothing here
         raise _CommandError(
             f"{exc.folder} is open for writing by {exc.holder}; stop it first "
             f"(the read-only commands {_READ_ONLY_COMMANDS} work beside it)"
         ) from None
+    if records_of == _ANY_RECORDS:
+        db._owner_checked = True
+    elif records_of is not None:
+        db._hold_state_of(records_of, lambda key, data: False)  # the target holds nothing yet, or is marked
+    return db
 
 
 def _command_key(text: str) -> str:
@@ -3656,7 +3790,7 @@ def _classify_entries_sync(folder: str) -> tuple[int, list[tuple[str, str, str]]
     for name in names:
         path = os.path.join(folder, name)
         key = _user_key_from_file_name(name)
-        if name in (LOCK_FILE_NAME, UPGRADE_MARKER_NAME):
+        if name in (LOCK_FILE_NAME, UPGRADE_MARKER_NAME, OWNER_FILE_NAME):
             continue
         if name in (JOURNAL_NAME, JOURNAL_CHECKPOINTING_NAME):
             if writer_since is None:  # a live writer's journal is its saves in flight
@@ -3722,18 +3856,19 @@ async def _cmd_check(args: Any) -> int:
 class _Progress:
     """A counter on stderr, shown only on a terminal and only for large folders."""
 
-    def __init__(self, verb: str, total: int) -> None:
+    def __init__(self, verb: str, total: int, noun: str = "user") -> None:
         self.verb = verb
         self.total = total
+        self.noun = noun  # "record" for an adapter's records, which are not all users
         self.shown = total >= 1000 and sys.stderr.isatty()
 
     def update(self, done: int) -> None:
         if self.shown and (done % 500 == 0 or done == self.total):
-            sys.stderr.write(f"\r{self.verb} {done} of {self.total} users")
+            sys.stderr.write(f"\r{self.verb} {done} of {_count(self.total, self.noun)}")
             sys.stderr.flush()
 
     def finish(self, done: int, where: str) -> None:
-        sys.stderr.write(f"{chr(13) if self.shown else ''}{self.verb} {done} users {where}\n")
+        sys.stderr.write(f"{chr(13) if self.shown else ''}{self.verb} {_count(done, self.noun)} {where}\n")
 
 
 class _ExportRun:
@@ -3958,11 +4093,13 @@ async def _plan_import(db: JASON, records: list[tuple[str, dict[str, Any]]]) -> 
 class _ImportRun:
     """Saves records, up to _IMPORT_CONCURRENCY at a time; stops starting new ones at the first failure."""
 
-    def __init__(self, db: JASON, records: list[tuple[str, dict[str, Any]]], verb: str = "imported") -> None:
+    def __init__(self, db: JASON, records: list[tuple[str, dict[str, Any]]], verb: str = "imported",
+                 noun: str = "user") -> None:
         self.db = db
         self.records = records
         self.verb = verb
-        self.progress = _Progress(verb, len(records))
+        self.noun = noun
+        self.progress = _Progress(verb, len(records), noun)
         self.saved = 0
         self.failure: tuple[str, Exception] | None = None
 
@@ -3986,32 +4123,32 @@ class _ImportRun:
 
     def rerun(self) -> str:
         verb = "import" if self.verb == "imported" else "copy"
-        return f"run the same command again to {verb} the rest (users already {self.verb} are skipped)"
+        return f"run the same command again to {verb} the rest ({self.noun}s already {self.verb} are skipped)"
 
     def how_far(self) -> str:
         doing = "importing" if self.verb == "imported" else "copying"
         # Saves under way may still land after this is said: a rerun can find more.
-        return f" after {doing} at least {self.saved} of {len(self.records)} users; {self.rerun()}"
+        return f" after {doing} at least {self.saved} of {_count(len(self.records), self.noun)}; {self.rerun()}"
 
     def raise_failure(self) -> None:
         if self.failure is not None:
             key, exc = self.failure
-            raise _CommandError(f"{self.verb} {self.saved} of {len(self.records)} users, then user "
+            raise _CommandError(f"{self.verb} {self.saved} of {_count(len(self.records), self.noun)}, then {self.noun} "
                                 f"{_shown_id(key)} failed: {exc}; {self.rerun()}")
 
 
 async def _put_records(db: JASON, records: list[tuple[str, dict[str, Any]]], overwrite: bool, args: Any,
-                       verb: str) -> tuple[_ImportRun, int]:
+                       verb: str, noun: str = "user") -> tuple[_ImportRun, int]:
     """Save records into db as import and copy do: whole refusal on a clash, then a resumable run."""
     to_save, same, clashes = await _plan_import(db, records)
     if clashes and not overwrite:
         shown = ", ".join(_shown_id(key) for key in clashes[:5]) + (", ..." if len(clashes) > 5 else "")
         raise _CommandError(
-            f"{_count(len(clashes), 'user')} already {'exists' if len(clashes) == 1 else 'exist'} with other data "
+            f"{_count(len(clashes), noun)} already {'exists' if len(clashes) == 1 else 'exist'} with other data "
             f"({shown}); nothing was {verb}. "
             "Use --overwrite to replace them"
         )
-    run = _ImportRun(db, to_save, verb)
+    run = _ImportRun(db, to_save, verb, noun)
     args.interrupted = run.how_far
     await run.run()
     run.raise_failure()
@@ -4031,18 +4168,21 @@ async def _cmd_import(args: Any) -> int:
 async def _cmd_copy(args: Any) -> int:
     """Copy every user to another location, then read each copied record back and compare."""
     async with _open_location(args.location, namespace=args.namespace) as source:
+        # An adapter's records (bot_data, a chat's...) are not all users; its target is marked as its own.
+        state_of = await source._store.owner()
+        noun = "user" if state_of is None else "record"
         reader = _ExportRun(source, await source.user_ids(), verb="read")
         records = [record async for batch in reader.batches() for record in batch]
     if reader.corrupt:
         raise _CommandError(f"{reader.corrupt} corrupt records in {source.location} (listed above); "
                             "nothing was copied: repair or restore them first")
     async with _open_location(args.target, write=True, create=True, durable=not args.fast,
-                              namespace=args.target_namespace or args.namespace) as target:
-        run, same = await _put_records(target, records, args.overwrite, args, "copied")
+                              namespace=args.target_namespace or args.namespace, records_of=state_of) as target:
+        run, same = await _put_records(target, records, args.overwrite, args, "copied", noun)
         verified = 0
         for key, data in records:
             if not _same_json(await _stored_record(target, key), data):
-                raise _CommandError(f"user {_shown_id(key)} reads back different from {target.location}: "
+                raise _CommandError(f"{noun} {_shown_id(key)} reads back different from {target.location}: "
                                     "the copy is not verified; run it again")
             verified += 1
     already = f", {same} already there" if same else ""

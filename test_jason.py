@@ -2666,6 +2666,112 @@ class PTBPersistenceTest(AdapterMixin):
         self.assertNotEqual(os.stat(self.path("bot_data")).st_ino, written.st_ino)
 
 
+@needs(HAVE_AIOGRAM and HAVE_PTB, "aiogram and python-telegram-bot (pip install -r examples/requirements.txt)")
+class SharedLocationTest(AdapterMixin):
+    """An adapter's state and users' records never share a location: each refuses the other's, both ways."""
+
+    @staticmethod
+    def key(user: int = 7) -> Any:
+        from aiogram.fsm.storage.base import StorageKey
+
+        return StorageKey(bot_id=42, chat_id=user, user_id=user)
+
+    async def test_a_jason_of_users_records_refuses_an_adapters_location_and_writes_nothing(self) -> None:
+        storage = jason.AiogramStorage(self.adapter_db())
+        await storage.set_state(self.key(5), "Form:age")
+        before = await self.stored_bytes(5)
+        users = self.open_db()
+        for call in (users.save_user_data(5, {"orders": 1}), users.load_user_data(5), users.user_ids()):
+            with self.assertRaisesRegex(JasonError, "holds the state of AiogramStorage"):
+                await call
+        with self.assertRaisesRegex(JasonError, "holds the state of AiogramStorage"):
+            async with users.edit_user_data(5) as data:
+                data["orders"] = 1
+        self.assertEqual(await self.stored_bytes(5), before)
+        # A reader mixes nothing: a script may read the state as plain JSON.
+        self.assertEqual(await self.readonly_record("5"), {"bot 42 chat 5": {"state": "Form:age", "data": {}}})
+
+    async def test_an_adapter_refuses_a_location_holding_users_records_and_writes_nothing(self) -> None:
+        await self.db.save_user_data(5, {"name": "U2", "orders": 1})
+        before = await self.stored_bytes(5)
+        storage = jason.AiogramStorage(self.adapter_db())
+        with self.assertRaisesRegex(JasonError, "holds records that are not AiogramStorage's"):
+            await storage.set_state(self.key(5), "Form:age")
+        persistence = jason.PTBPersistence(self.adapter_db())
+        with self.assertRaisesRegex(JasonError, "holds records that are not PTBPersistence's"):
+            await persistence.update_bot_data({"signed_up": 1})
+        with self.assertRaisesRegex(JasonError, "bot_data"):  # flush() names every record left unsaved
+            await persistence.flush()
+        self.assertEqual(await self.stored_bytes(5), before)
+        self.assertIsNone(await self.stored_bytes("bot_data"))
+        self.assertEqual(await self.db.user_ids(), ["5"])  # and the users' JASON goes on
+
+    async def test_two_adapters_refuse_each_others_location(self) -> None:
+        persistence = jason.PTBPersistence(self.adapter_db())
+        await persistence.update_bot_data({"signed_up": 1})
+        await persistence.flush()
+        with self.assertRaisesRegex(JasonError, "holds the state of PTBPersistence; give AiogramStorage"):
+            await jason.AiogramStorage(self.adapter_db()).set_state(self.key(5), "Form:age")
+        with self.assertRaisesRegex(ValueError, "holds the state of PTBPersistence; give AiogramStorage"):
+            jason.AiogramStorage(persistence.db)  # one JASON given to both
+        self.assertEqual(await persistence.db.user_ids(), ["bot_data"])
+
+    def second_location(self) -> JASON:
+        """Another empty location on the same backend, for a second database."""
+        if self.backend == "folder":
+            db = JASON(os.path.join(self._tmp.name, "second"))
+            self._opened.append(db)
+            return db
+        return self.open_db(namespace=next(SERVERS.namespaces), default_structure=None)
+
+    async def test_an_adapter_takes_over_its_unmarked_records_from_an_earlier_version(self) -> None:
+        # Written as an earlier version wrote them, with no mark: by a plain JASON.
+        await self.db.save_user_data(7, {"bot 42 chat 7": {"state": "Form:age", "data": {"name": "Ann"}}})
+        storage = jason.AiogramStorage(self.adapter_db())
+        self.assertEqual(await storage.get_data(self.key(7)), {"name": "Ann"})
+        with self.assertRaisesRegex(JasonError, "holds the state of AiogramStorage"):  # marked now
+            await self.open_db().save_user_data(8, {})
+
+        earlier = self.second_location()
+        earlier_records: list[tuple[str, dict[str, Any]]] = [("user_5", {"name": "Ann"}), ("chat_-100", {}),
+                                                             ("bot_data", {"n": 1})]
+        for record_id, data in earlier_records:
+            await earlier.save_user_data(record_id, data)
+        persistence = jason.PTBPersistence(earlier)
+        self.assertEqual(await persistence.get_user_data(), {5: {"name": "Ann"}})
+        self.assertEqual(await persistence.get_bot_data(), {"n": 1})
+
+    @folder_only
+    async def test_the_command_line_reads_an_adapters_records_and_copy_calls_them_records(self) -> None:
+        persistence = jason.PTBPersistence(self.adapter_db())
+        await persistence.update_user_data(5, {"name": "Ann"})
+        await persistence.update_bot_data({"signed_up": 1})
+        await persistence.flush()
+        await persistence.db.close()
+
+        checked = run_cli(self.folder, "check")
+        self.assertEqual((checked.returncode, checked.stdout.splitlines()[-1][:16]), (0, "2 sound records;"))
+        self.assertIn('"signed_up": 1', run_cli(self.folder, "get", "bot_data").stdout)
+        target = os.path.join(self._tmp.name, "copied")
+        copied = run_cli(self.folder, "copy", target)
+        self.assertEqual(copied.returncode, 0, copied.stderr)
+        self.assertIn("copied 2 records to", copied.stderr)
+        self.assertNotIn("users", copied.stderr)
+        with self.assertRaisesRegex(JasonError, "holds the state of PTBPersistence"):  # the copy is marked too
+            async with JASON(target) as users:
+                await users.user_ids()
+        async with JASON(target) as copy:
+            self.assertEqual(await jason.PTBPersistence(copy).get_bot_data(), {"signed_up": 1})
+        # Nor do users' records go into an adapter's location.
+        users_folder = os.path.join(self._tmp.name, "users2")
+        async with JASON(users_folder) as users:
+            await users.save_user_data(9, {"name": "Bo"})
+        refused = run_cli(users_folder, "copy", target)
+        self.assertEqual(refused.returncode, 1, refused.stderr)
+        self.assertIn("holds the state of PTBPersistence", refused.stderr)
+        self.assertEqual(sorted(os.listdir(target)), [".jason-owner", ".jason.lock", "bot_data.json", "user_5.json"])
+
+
 class AdapterImportTest(unittest.TestCase):
     def test_importing_jason_imports_no_framework(self) -> None:
         probe = """
@@ -3047,7 +3153,7 @@ class MigrateCommandTest(unittest.TestCase):
 
 on_every_backend(ConstructionTest, LoadTest, SaveTest, EditTest, DeleteTest, UserIdsTest, UserIdMappingTest,
                  BadInputSweepTest, ConcurrencyTest, CloseTest, ReentryTest, AiogramStorageTest, PTBPersistenceTest,
-                 UsersTest, MigrationTest)
+                 SharedLocationTest, UsersTest, MigrationTest)
 
 
 # ---------------------------------------------------------------- server backends
