@@ -4994,6 +4994,11 @@ STDLIB_PASS = {"StdlibParityTest", "ConstructionTest", "LoadTest", "SaveTest", "
                "SuiteTest"}
 
 
+# Classes that import a framework (seconds for aiogram): claimed as one, so only one process imports it.
+CLAIMED_TOGETHER = {"AiogramStorageTest": "frameworks", "PTBPersistenceTest": "frameworks",
+                    "SharedLocationTest": "frameworks"}
+
+
 class _ClaimedSuite(unittest.TestSuite):
     """One test class's tests, run by the process that claims the class first (see JASON_CLAIMS)."""
 
@@ -5004,10 +5009,16 @@ class _ClaimedSuite(unittest.TestSuite):
     def run(self, result: unittest.TestResult, debug: bool = False) -> unittest.TestResult:
         claims = os.environ.get("JASON_CLAIMS")
         if claims:
+            short = self.name.rsplit(".", 1)[-1]
+            claim = os.path.join(claims, CLAIMED_TOGETHER.get(short, self.name))
             try:
-                os.close(os.open(os.path.join(claims, self.name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
             except FileExistsError:
-                return result  # the other process runs it
+                with open(claim) as file:
+                    if file.read() != str(os.getpid()):
+                        return result  # the other process runs it
         return super().run(result, debug)
 
 
