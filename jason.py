@@ -1724,7 +1724,16 @@ class _Busy:
 # the rest. Keys are canonical user ids; records are compact JSON bytes.
 
 
-class _Store(Protocol):
+class _Records(Protocol):
+    """What an edit reads and writes through: the store itself for a folder; on a server, an object
+    bound to the edit's transaction (PostgreSQL) or lock token (Redis)."""
+
+    async def read(self, key: str) -> bytes | None: ...
+    async def write(self, key: str, data: bytes, operation: str) -> None: ...
+    async def quarantine(self, key: str, operation: str) -> str: ...  # move a corrupt record aside; where to
+
+
+class _Store(_Records, Protocol):
     location: str  # where the records are, fit to show (never a password)
     caches: bool  # True when JASON may cache records: no other process can change them
     closed: bool
@@ -1738,15 +1747,12 @@ class _Store(Protocol):
     def share_cache(self, cache: _RecordCache) -> None: ...  # let invalidate() reach this cache
     def invalidate(self, key: str) -> None: ...  # drop key from every cache that shares the records
     def where(self, key: str) -> str: ...  # where one record is, for messages
-    async def read(self, key: str) -> bytes | None: ...
-    async def write(self, key: str, data: bytes, operation: str) -> None: ...
     async def write_many(self, records: Sequence[tuple[str, bytes]], operation: str) -> None: ...  # each atomic
     async def delete(self, key: str, operation: str) -> bool: ...  # True when there was a record
     async def exists(self, key: str) -> bool: ...
     async def keys(self) -> list[str]: ...  # every stored key, sorted
     # Several records read together (one thread hop, one round trip): each the bytes, None, or why it is unreadable.
     async def read_many(self, keys: Sequence[str]) -> list[bytes | CorruptDataError | None]: ...
-    async def quarantine(self, key: str, operation: str) -> str: ...  # move a corrupt record aside; where to
     async def owner(self) -> str | None: ...  # the adapter these records are marked as the state of, or None
     async def claim(self, owner: str, operation: str) -> None: ...  # mark the records as owner's
     # For JASON.check() and JASON.sizes(): (sound records, problems as (kind, where, detail)); the records'
@@ -1754,9 +1760,8 @@ class _Store(Protocol):
     async def check(self, fix_temp: bool) -> tuple[int, list[tuple[str, str, str]]]: ...
     async def sizes(self) -> tuple[dict[str, int], int | None]: ...
 
-    # An edit's records: cross-process exclusion where the store needs it, and
-    # an object with read, write and quarantine that work inside it.
-    def transaction(self, key: str) -> contextlib.AbstractAsyncContextManager[Any]: ...
+    # An edit's records: cross-process exclusion where the store needs it, and the records inside it.
+    def transaction(self, key: str) -> contextlib.AbstractAsyncContextManager[_Records]: ...
     # Hold a named lock that every process sharing these records respects (aiogram's event isolation).
     def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[None]: ...
     # A write's turn, taken before the user's lock: where writes share a few connections, so many wait.
@@ -2493,19 +2498,20 @@ class _PostgresStore(_ServerStore):
                 return []
         return sorted(_key_from_sql_id(row[0]) for row in rows)
 
-    async def quarantine(self, key: str, operation: str, connection: Any = None) -> str:
-        async with contextlib.AsyncExitStack() as stack:
-            if connection is None:
-                await stack.enter_async_context(self._call(operation))
-                connection = await stack.enter_async_context(self._connection(await self._pool(writing=True)))
-                await stack.enter_async_context(connection.transaction())
-            self.check_writable(operation)
-            corrupt = f'"{self.namespace}_corrupt"'
-            await connection.execute(f"CREATE TABLE IF NOT EXISTS {corrupt} "
-                                     "(user_id text, data text, moved_at timestamptz DEFAULT now())")
-            await connection.execute(f"INSERT INTO {corrupt} (user_id, data) SELECT user_id, data::text "
-                                     f"FROM {self.table} WHERE user_id = $1", _sql_id(key))
-            await connection.execute(f"DELETE FROM {self.table} WHERE user_id = $1", _sql_id(key))
+    async def quarantine(self, key: str, operation: str) -> str:
+        async with self._call(operation), self._connection(await self._pool(writing=True)) as connection, \
+                connection.transaction():
+            return await self._quarantine_with(connection, key, operation)
+
+    async def _quarantine_with(self, connection: Any, key: str, operation: str) -> str:
+        """Move the user's row to the table <namespace>_corrupt, in connection's transaction."""
+        self.check_writable(operation)
+        corrupt = f'"{self.namespace}_corrupt"'
+        await connection.execute(f"CREATE TABLE IF NOT EXISTS {corrupt} "
+                                 "(user_id text, data text, moved_at timestamptz DEFAULT now())")
+        await connection.execute(f"INSERT INTO {corrupt} (user_id, data) SELECT user_id, data::text "
+                                 f"FROM {self.table} WHERE user_id = $1", _sql_id(key))
+        await connection.execute(f"DELETE FROM {self.table} WHERE user_id = $1", _sql_id(key))
         return f"{self.location} table {self.namespace}_corrupt"
 
     async def owner(self) -> str | None:
@@ -2572,7 +2578,7 @@ class _PostgresEdit:
         await _postgres_upsert(self.connection, self.store.table, key, data)
 
     async def quarantine(self, key: str, operation: str) -> str:
-        return await self.store.quarantine(key, operation, self.connection)
+        return await self.store._quarantine_with(self.connection, key, operation)
 
 
 # KEYS: the records hash, the user's lock key. ARGV: the user's field, the record ("" to
@@ -2731,7 +2737,11 @@ class _RedisStore(_ServerStore):
             fields = await (await self.client()).hkeys(self.hash)
         return sorted(field.decode("utf-8", "surrogatepass") for field in fields)
 
-    async def quarantine(self, key: str, operation: str, token: bytes = b"") -> str:
+    async def quarantine(self, key: str, operation: str) -> str:
+        return await self._quarantine_as(key, operation, b"")
+
+    async def _quarantine_as(self, key: str, operation: str, token: bytes) -> str:
+        """Move the user's field to the hash <namespace>:corrupt, writing as the holder of token ("" for none)."""
         async with self._call(operation):
             raw = await self.read(key)
             corrupt = f"{self.namespace}:corrupt".encode()
@@ -2818,7 +2828,7 @@ class _RedisEdit:
                              f"held past {EDIT_LOCK_SECONDS} s without renewal); nothing was written")
 
     async def quarantine(self, key: str, operation: str) -> str:
-        return await self.store.quarantine(key, operation, self.token)
+        return await self.store._quarantine_as(key, operation, self.token)
 
 
 _NAMESPACE_PARAMETER: Final = re.compile(r"([?&])namespace=([^&#]*)&?")
@@ -2852,7 +2862,7 @@ def _refuse_unknown_url(location: object) -> None:
 
 
 def _open_store(location: str | os.PathLike[str], *, namespace: str, durable: bool, readonly: bool,
-                journal: bool = False) -> Any:
+                journal: bool = False) -> _Store:
     """The store for a folder path or a server URL."""
     kind = _server_kind(location)
     _refuse_unknown_url(location)
@@ -3006,25 +3016,7 @@ class JASON(Generic[Record]):
         """
         key = self._key(user_id)
         await self._ready()
-        return cast("Record", await self._load(key))
-
-    async def _load(self, key: str) -> dict[str, Any]:
-        cached = self._cache.get(key)
-        if cached is not _NOT_CACHED:
-            return self._decode(key, cached)  # type: ignore[arg-type]
-        if not self._store.caches and not self._quarantine:
-            # The user's lock keeps a cache coherent; with none to keep (a server, a
-            # readonly folder), a load is one read of what is stored.
-            _file_name(key)
-            return await self._read_unlocked(key)
-        try:
-            self._locks.check_wait(key)
-        except _HeldByThisTask:  # inside this task's own edit of the user: nothing can change the record
-            return await self._load_locked(key, self._store)
-        except _WouldDeadlock:  # the holder waits for us: read the record as it is, without the lock
-            return await self._read_unlocked(key)
-        async with self._holding(key):
-            return await self._load_locked(key, self._store)
+        return cast("Record", self._or_defaults(await self._read(key)))
 
     async def save_user_data(self, user_id: int | str, data: Record) -> None:
         """Store data as the user's whole record, atomically (durably, unless durable=False).
@@ -3038,7 +3030,6 @@ class JASON(Generic[Record]):
         key = self._key(user_id)
         self._store.check_writable("save_user_data")
         await self._ready()
-        _file_name(key)  # every backend takes the ids a folder can name, so records can move between them
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a dict, not {type(data).__name__}")
         compact, stored = self._encode(data)
@@ -3059,7 +3050,7 @@ class JASON(Generic[Record]):
         self._store.check_writable("edit_user_data")
         await self._ready()
         async with self._hold(key, "edit_user_data"), self._store.transaction(key) as records:
-            data = await self._load_locked(key, records)
+            data = self._or_defaults(await self._read(key, records))
             yield cast("Record", data)
             compact, stored = self._encode(data)
             await self._write_locked(key, compact, stored, "edit_user_data", records)
@@ -3069,7 +3060,6 @@ class JASON(Generic[Record]):
         key = self._key(user_id)
         self._store.check_writable("delete_user_data")
         await self._ready()
-        _file_name(key)  # an id too long for any record fails before anything is touched
         async with self._hold(key, "delete_user_data"):
             try:
                 existed = await self._store.delete(key, "delete_user_data")
@@ -3085,7 +3075,6 @@ class JASON(Generic[Record]):
         cached = self._cache.get(key)
         if cached is not _NOT_CACHED:
             return cached is not None
-        _file_name(key)
         return await self._store.exists(key)
 
     async def user_ids(self) -> list[str]:
@@ -3118,8 +3107,10 @@ class JASON(Generic[Record]):
             raise ValueError(f"concurrency must be a positive int, not {concurrency!r}")
         keys = await self.user_ids()
         for start in range(0, len(keys), concurrency):
+            self._enter()  # closed meanwhile: the loop ends with the error every call gives
             batch = keys[start:start + concurrency]
-            results = await asyncio.gather(*(self._visit(key) for key in batch), return_exceptions=True)
+            results = await asyncio.gather(*(self._read(key, visiting=True) for key in batch),
+                                           return_exceptions=True)
             for key, data in zip(batch, results):
                 if isinstance(data, JasonError) and skipped is not None:
                     skipped.append((key, data))
@@ -3127,23 +3118,6 @@ class JASON(Generic[Record]):
                     raise data
                 elif data is not None:
                     yield key, cast("Record", data)
-
-    async def _visit(self, key: str) -> dict[str, Any] | None:
-        """users()' read of one user: the cached copy, or the stored record, cached by nobody; None if gone."""
-        self._enter()
-        cached = self._cache.get(key)
-        if cached is not _NOT_CACHED:
-            return None if cached is None else self._decode(key, cached)  # type: ignore[arg-type]
-        raw = await self._store.read(key)
-        if raw is None:
-            return None
-        try:
-            data = _parse_record(raw, self._where(key))
-        except CorruptDataError:
-            if not self._quarantine:
-                raise
-            return await self._load(key)  # under the user's lock: moved aside, and the defaults
-        return self._current(key, data)
 
     # -------------------------------------------------- for tools and adapters
     #
@@ -3161,8 +3135,6 @@ class JASON(Generic[Record]):
         round trip for a server: read a few hundred at a time.
         """
         keys = [self._key(user_id) for user_id in user_ids]
-        for key in keys:
-            _file_name(key)
         await self._ready()
         found: list[dict[str, Any] | CorruptDataError | None] = []
         for key, raw in zip(keys, await self._store.read_many(keys)):
@@ -3184,7 +3156,6 @@ class JASON(Generic[Record]):
         key = self._key(user_id)
         self._store.check_writable(operation)
         await self._ready()
-        _file_name(key)
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a dict, not {type(data).__name__}")
         compact, stored = _encode_record(data, self._pretty)
@@ -3206,7 +3177,6 @@ class JASON(Generic[Record]):
         encoded: dict[str, tuple[bytes, bytes]] = {}
         for user_id, data in records:
             key = self._key(user_id)
-            _file_name(key)
             if not isinstance(data, Mapping):
                 raise TypeError(f"data of user {key!r} must be a dict, not {type(data).__name__}")
             if key in encoded:
@@ -3337,8 +3307,15 @@ class JASON(Generic[Record]):
         self._locks.check_loop(f"the JASON database {self._store.location}")
 
     def _key(self, user_id: object) -> str:
+        """The canonical id of user_id, checked: the one place every call checks its id.
+
+        Every backend takes just the ids a folder can name, so that records
+        can move between backends: an id too long for a file name fails here.
+        """
         self._enter()
-        return _user_key(user_id)
+        key = _user_key(user_id)
+        _file_name(key)
+        return key
 
     def _hold(self, key: str, operation: str) -> contextlib.AbstractAsyncContextManager[None]:
         """The user's lock for a write; JasonError at once where waiting for it could never end."""
@@ -3367,11 +3344,6 @@ class JASON(Generic[Record]):
         """The store's admission for a write (see _PostgresStore.admit), then the user's lock."""
         async with self._store.admit(), self._locks.hold(key):
             yield
-
-    def _decode(self, key: str, raw: bytes | None) -> dict[str, Any]:
-        if raw is None:
-            return _loads(self._default_bytes)  # type: ignore[no-any-return]
-        return self._current(key, _loads(raw))
 
     def _current(self, key: str, data: dict[str, Any]) -> dict[str, Any]:
         """A stored record as a load returns it: without its version, migrated, with the defaults."""
@@ -3412,40 +3384,77 @@ class JASON(Generic[Record]):
             data = {VERSION_KEY: len(self._migrations), **data}
         return _encode_record(data, self._pretty)
 
-    async def _load_locked(self, key: str, records: Any) -> dict[str, Any]:
-        """Like load_user_data; the caller holds the user's lock, so the cache cannot go stale.
+    # The one read path: the cache, else the store, under the user's lock where it can be taken.
 
-        records is the store, or the transaction of an edit.
+    async def _read(self, key: str, records: _Records | None = None, *, visiting: bool = False) -> \
+            dict[str, Any] | None:
+        """The user's record as a load returns it (migrated, with the defaults), or None when there is none.
+
+        The cache first. Else the record is read under the user's lock, so
+        that what is read may be cached and a corrupt record quarantined: an
+        edit gives its records, and holds the lock already. Read without the
+        lock: on a store with no cache to keep and no quarantine (a server, a
+        readonly folder); where waiting could never end (the holder waits for
+        this task); and for users() (visiting), whose reads of every user
+        leave the cache to the users in use. A corrupt record met there, with
+        on_corrupt="quarantine", is read again under the lock and moved aside.
         """
         cached = self._cache.get(key)
         if cached is not _NOT_CACHED:
-            return self._decode(key, cached)  # type: ignore[arg-type]
-        _file_name(key)  # an id too long for any record fails before anything is read
+            return None if cached is None else self._current(key, _loads(cached))  # type: ignore[arg-type]
+        if records is not None:
+            return await self._read_stored(key, records, locked=True)
+        if visiting or (not self._store.caches and not self._quarantine):
+            try:
+                return await self._read_stored(key, self._store, locked=False)
+            except CorruptDataError:
+                if not (visiting and self._quarantine):
+                    raise
+            return self._or_defaults(await self._read_holding(key))  # moved aside: visited as a load gives it
+        return await self._read_holding(key)
+
+    async def _read_holding(self, key: str) -> dict[str, Any] | None:
+        """_read under the user's lock, or without it where waiting for it could never end."""
         try:
-            raw = await records.read(key)
+            self._locks.check_wait(key)
+        except _HeldByThisTask:  # inside this task's own edit of the user: nothing can change the record
+            return await self._read_stored(key, self._store, locked=True)
+        except _WouldDeadlock:  # the holder waits for us: read the record as it is, without the lock
+            return await self._read_stored(key, self._store, locked=False)
+        async with self._holding(key):
+            return await self._read_stored(key, self._store, locked=True)
+
+    async def _read_stored(self, key: str, records: _Records, locked: bool) -> dict[str, Any] | None:
+        """_read's read of the store; locked: the caller holds the user's lock, so the cache cannot go stale."""
+        if locked:
+            cached = self._cache.get(key)  # filled while this task waited for the lock
+            if cached is not _NOT_CACHED:
+                return None if cached is None else self._current(key, _loads(cached))  # type: ignore[arg-type]
+        raw = await records.read(key)
+        try:
             data = None if raw is None else _parse_record(raw, self._where(key))
         except CorruptDataError as exc:
-            if not self._quarantine:
+            if not (locked and self._quarantine):
                 raise
             moved_to = await records.quarantine(key, "quarantine")
             _log.warning("corrupt record %s (%s): moved it to %s and started user %r afresh from the "
                          "default structure", exc.path, exc.reason, moved_to, key)
             data = None
         if data is None:
-            self._cache.put(key, None)
-            return self._decode(key, None)
+            if locked:
+                self._cache.put(key, None)
+            return None
         current = self._current(key, data)  # a migration that raises leaves nothing cached
-        self._cache.put(key, raw)  # the bytes as read: parsing them gives the same data
+        if locked:
+            self._cache.put(key, raw)  # the bytes as read: parsing them gives the same data
         return current
 
-    async def _read_unlocked(self, key: str) -> dict[str, Any]:
-        """The stored record, read without the user's lock: nothing is cached or quarantined."""
-        raw = await self._store.read(key)
-        if raw is None:
-            return self._decode(key, None)
-        return self._current(key, _parse_record(raw, self._where(key)))
+    def _or_defaults(self, data: dict[str, Any] | None) -> dict[str, Any]:
+        """data, or for a user with no record a fresh copy of the default structure."""
+        return _loads(self._default_bytes) if data is None else data
 
-    async def _write_locked(self, key: str, compact: bytes, stored: bytes, operation: str, records: Any) -> None:
+    async def _write_locked(self, key: str, compact: bytes, stored: bytes, operation: str,
+                            records: _Records) -> None:
         try:
             await records.write(key, stored, operation)
         finally:

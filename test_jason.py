@@ -2823,6 +2823,69 @@ class AdapterImportTest(unittest.TestCase):
 # ---------------------------------------------------------------- every user in one loop
 
 
+# Records in one save_stored_many: a folder shares them among its writer threads, unevenly.
+UNEVEN_BATCH = jason.BATCH_WRITE_THREADS * 2 + 3
+
+
+class ToolMethodsTest(FolderMixin):
+    """The public methods the command line and the adapters use instead of reaching behind the library."""
+
+    async def test_save_stored_many_then_load_stored_keep_records_exactly_as_given(self) -> None:
+        records = [(user, {"$version": 2, "n": user, "flag": True}) for user in range(UNEVEN_BATCH)]
+        await self.db.save_stored_many(records)
+        found = await self.db.load_stored([*range(UNEVEN_BATCH), "missing"])
+        self.assertEqual(found, [data for _, data in records] + [None])  # "$version" kept, no defaults merged
+        self.assertEqual(await self.stored(7), {"$version": 2, "n": 7, "flag": True})
+        await self.db.save_stored(7, {"n": -1})
+        self.assertEqual(await self.db.load_stored([7]), [{"n": -1}])
+        self.assertEqual(await self.db.load_user_data(7), {**DEFAULT, "n": -1})  # the cache saw the new record
+
+    async def test_a_batch_with_one_bad_record_writes_nothing(self) -> None:
+        await self.db.save_user_data(1, {"n": 1})
+        before = await self.stored_bytes(1)
+        for bad, error in [([(1, {"n": 2}), (2, {"n": float("nan")})], ValueError),
+                           ([(1, {"n": 2}), ("1", {"n": 3})], ValueError),
+                           ([(1, {"n": 2}), (3, ["not a dict"])], TypeError)]:
+            with self.assertRaises(error):
+                await self.db.save_stored_many(bad)  # type: ignore[arg-type]
+        self.assertEqual(await self.stored_bytes(1), before)
+        self.assertEqual(await self.db.user_ids(), ["1"])
+
+    async def test_a_batch_waits_for_an_edit_of_one_of_its_users_and_loses_nothing(self) -> None:
+        await self.db.save_user_data(5, {"n": 0})
+        editing = asyncio.Event()
+
+        async def edit() -> None:
+            async with self.db.edit_user_data(5) as data:
+                editing.set()
+                await asyncio.sleep(0.05)
+                data["n"] += 1
+
+        edit_task = asyncio.ensure_future(edit())
+        await editing.wait()
+        await self.db.save_stored_many([(4, {"n": 4}), (5, {"n": 50})])  # held back until the edit ends
+        await edit_task
+        self.assertEqual(await self.stored(5), {"n": 50})
+
+    async def test_check_and_sizes_see_every_record(self) -> None:
+        await self.db.save_stored_many([(user, {"n": user}) for user in range(3)])
+        self.assertEqual(await self.db.check(), (3, []))
+        sizes, location_bytes = await self.db.sizes()
+        self.assertEqual(sizes, {str(user): len(await self.stored_bytes(user) or b"") for user in range(3)})
+        self.assertEqual(location_bytes is None, self.backend != "folder")
+
+    @folder_only
+    async def test_load_stored_returns_a_corrupt_record_as_its_error_and_check_reports_it(self) -> None:
+        await self.db.save_user_data(1, {"n": 1})
+        with open(self.path(2), "wb") as file:
+            file.write(b"{not json")
+        found = await self.db.load_stored([1, 2])
+        self.assertEqual(found[0], {"n": 1})
+        self.assertIsInstance(found[1], jason.CorruptDataError)
+        sound, problems = await self.db.check()
+        self.assertEqual((sound, [kind for kind, _, _ in problems]), (1, ["corrupt"]))
+
+
 class UsersTest(FolderMixin):
     async def fill(self, count: int) -> dict[str, dict[str, Any]]:
         records = {str(user): {"challenge_balance": user, "profile": {"tags": [str(user)]}} for user in range(count)}
@@ -3153,7 +3216,7 @@ class MigrateCommandTest(unittest.TestCase):
 
 on_every_backend(ConstructionTest, LoadTest, SaveTest, EditTest, DeleteTest, UserIdsTest, UserIdMappingTest,
                  BadInputSweepTest, ConcurrencyTest, CloseTest, ReentryTest, AiogramStorageTest, PTBPersistenceTest,
-                 SharedLocationTest, UsersTest, MigrationTest)
+                 SharedLocationTest, ToolMethodsTest, UsersTest, MigrationTest)
 
 
 # ---------------------------------------------------------------- server backends
