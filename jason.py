@@ -82,7 +82,7 @@ if TYPE_CHECKING:
 else:
     Record = TypeVar("Record")
 
-# ---------------------------------------------------------------- optional back-ends
+# ---------------------------------------------------------------- optional packages
 
 try:
     import orjson
@@ -131,9 +131,9 @@ CORRUPT_POLICIES: Final = ("raise", "quarantine")
 # Most file systems (ext4, APFS, NTFS) cap one name at 255 bytes.
 MAX_FILE_NAME_BYTES: Final = 255
 # orjson refuses to write deeper than 254 levels and the stdlib recurses once
-# per level; one limit, well inside both, keeps the two back-ends equal.
+# per level; one limit, well inside both, keeps the two codecs equal.
 MAX_DEPTH: Final = 128
-# The integers orjson can write and read back exactly; both back-ends use it.
+# The integers orjson can write and read back exactly; both codecs use it.
 MIN_INT: Final = -(2**63)
 MAX_INT: Final = 2**64 - 1
 # 10,000 users of ~1 KB take about 10 MB: the whole user base of a typical bot.
@@ -234,7 +234,7 @@ class ReadOnlyError(JasonError):
 
 # ---------------------------------------------------------------- serialisation
 #
-# Both back-ends store the same values and refuse the same ones, because every
+# Both codecs store the same values and refuse the same ones, because every
 # value is checked here first, in one place:
 #
 #   value                               stored as / raises
@@ -249,7 +249,7 @@ class ReadOnlyError(JasonError):
 #   str with a lone surrogate           ValueError (not encodable as UTF-8)
 #   nesting deeper than MAX_DEPTH       ValueError (not a RecursionError)
 #
-# Files are byte-identical across back-ends except for the spelling of some
+# Files are byte-identical across codecs except for the spelling of some
 # floats (orjson writes 1e-5 where json writes 1e-05); they parse equal.
 
 class _Unstorable(Exception):
@@ -285,7 +285,7 @@ def _storable_value(value: object, depth: int) -> object:
     A subclass of dict, list, str or int becomes its base type, read through
     the base type's own methods: orjson reads a dict's or an int's storage,
     not an overridden items() or comparison, so the check must look at what
-    is really written, and both back-ends must be given the same plain value.
+    is really written, and both codecs must be given the same plain value.
     Plain values come back as the same objects, so the common case copies
     nothing.
     """
@@ -344,7 +344,7 @@ def _storable_value(value: object, depth: int) -> object:
 
 
 def _check_storable(data: Mapping[str, Any], name: str = "data") -> dict[str, Any]:
-    """data as a plain dict that both back-ends write alike.
+    """data as a plain dict that both codecs write alike.
 
     Raises TypeError or ValueError naming the bad value's place (under name)
     if data cannot round-trip.
@@ -433,7 +433,7 @@ else:
 def _loads_input(raw: bytes) -> Any:
     """Parse JSON given to the command line, refusing what a save would refuse.
 
-    Both back-ends read an integer beyond 64 bits as a float; for input that
+    Both codecs read an integer beyond 64 bits as a float; for input that
     would silently change the number, so such input is refused instead.
     """
     return _loads_stdlib(raw, parse_int=_parse_int_storable)
@@ -452,7 +452,7 @@ def _encode_record(data: Mapping[str, Any], pretty: bool, name: str = "data") ->
 def _parse_record(raw: bytes, path: str) -> dict[str, Any]:
     try:
         value = _loads(raw)
-    except ValueError as exc:  # both back-ends' decode errors, and UnicodeDecodeError
+    except ValueError as exc:  # both codecs' decode errors, and UnicodeDecodeError
         reason = "the file is empty" if not raw.strip() else f"not valid JSON ({exc})"
         raise CorruptDataError(path, reason) from exc
     if not isinstance(value, dict):
@@ -1359,7 +1359,6 @@ class _JournalReader:
 # ---------------------------------------------------------------- cache and per-user locks
 
 _NOT_CACHED: Final = object()
-_T = TypeVar("_T")
 
 
 class _RecordCache:
@@ -1504,105 +1503,14 @@ class _UserLocks:
                 del self._entries[key]
 
 
-class _SharedFolder:
-    """What every writing JASON of one folder in this process shares.
+# ---------------------------------------------------------------- threads and fork
+#
+# Blocking file work runs in a pool of threads of JASON's own (IO_THREADS),
+# and checkpoints in another; a process forked from a writer forgets the
+# folders it inherited, since only the parent holds their locks.
 
-    One writer lock (flock is per open file, so a second open in the same
-    process would lock itself out), one lock registry (so two instances never
-    write one user at once), the caches (so a save through one drops the
-    stale copy from the others'), the journal with journal=True, and the
-    writes under way in threads, so that the writer lock is released only
-    after the last of them has landed.
-    """
+_T = TypeVar("_T")
 
-    def __init__(self, folder: str, lock_fd: int, journal: bool) -> None:
-        self.folder = folder
-        self.lock_fd: int | None = lock_fd
-        self.locks = _UserLocks()
-        self.named_locks = _UserLocks()  # exclusive(): names, never user ids, so a registry of their own
-        self.folder_sync = _GroupSync(functools.partial(_fsync_dir, folder))
-        self.journal = _Journal(folder, self.folder_sync) if journal else None
-        self.stores: weakref.WeakSet[_FolderStore] = weakref.WeakSet()
-        self.caches: weakref.WeakSet[_RecordCache] = weakref.WeakSet()
-        self.writes: set[concurrent.futures.Future[Any]] = set()
-
-    def start_write(self, store: _FolderStore, operation: str, func: Callable[..., _T], *args: Any) -> \
-            concurrent.futures.Future[_T]:
-        """Run func in the I/O pool as a write of store, if store may still write.
-
-        The check and the registration happen under the registry lock, which
-        close() takes too: a write is either refused or waited for, never left
-        to land after the lock is released.
-        """
-        with _registry_lock:
-            store.check_writable(operation)
-            running = _io_executor().submit(func, *args)
-            self.writes.add(running)
-        running.add_done_callback(self._write_done)
-        return running
-
-    def _write_done(self, running: concurrent.futures.Future[Any]) -> None:
-        with _registry_lock:
-            self.writes.discard(running)
-
-    async def detach(self, store: _FolderStore) -> None:
-        """Forget store; when it was the last, finish every write and the journal, then release the lock.
-
-        An instance may open the folder while this one finishes: it then keeps
-        the lock and the journal, and nothing it saves is deleted with them.
-        """
-        with _registry_lock:
-            self.stores.discard(store)
-            if self.stores:
-                return
-        while True:
-            with _registry_lock:
-                writes = list(self.writes)
-            if writes:
-                await _wait_for_futures(writes)
-            elif await _in_thread(self._finish_sync):
-                return
-
-    def _finish_sync(self) -> bool:
-        """The last instance's close, blocking: the last checkpoint, then the journal and the lock go.
-
-        False when writes came in meanwhile and it must run again; True when
-        done, or when an instance opened meanwhile and goes on with it all.
-        """
-        failure: OSError | None = None
-        if self.journal is not None:
-            try:
-                self.journal.finish_sync()
-            except OSError as exc:  # the journal stays, and the next open replays it
-                failure = exc
-        with _registry_lock:
-            if self.stores:
-                return True
-            if self.writes:
-                return False
-            if self.journal is not None:
-                if failure is not None:
-                    self.journal.abandon()
-                elif not self.journal.delete_if_idle():
-                    return False  # saves came in while the last checkpoint ran
-            self._release_lock()
-        if failure is not None:
-            raise failure
-        return True
-
-    def _release_lock(self) -> None:
-        """Under _registry_lock: forget the folder and close the lock file, which releases flock."""
-        if _shared_folders.get(self.folder) is self:
-            del _shared_folders[self.folder]
-        if self.lock_fd is not None:
-            os.close(self.lock_fd)
-            self.lock_fd = None
-
-
-_shared_folders: dict[str, _SharedFolder] = {}
-# Guards _shared_folders and every _SharedFolder's stores and writes: JASON
-# objects may be made and closed in several threads at once.
-_registry_lock = threading.Lock()
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
 _checkpoint_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -1908,6 +1816,108 @@ def _folder_sizes_sync(folder: str) -> tuple[dict[str, int], int]:
 
 
 
+# One folder's state shared by every JASON of it in this process: the writer lock, the
+# per-user locks, the caches to invalidate, the writes under way and the journal.
+
+class _SharedFolder:
+    """What every writing JASON of one folder in this process shares.
+
+    One writer lock (flock is per open file, so a second open in the same
+    process would lock itself out), one lock registry (so two instances never
+    write one user at once), the caches (so a save through one drops the
+    stale copy from the others'), the journal with journal=True, and the
+    writes under way in threads, so that the writer lock is released only
+    after the last of them has landed.
+    """
+
+    def __init__(self, folder: str, lock_fd: int, journal: bool) -> None:
+        self.folder = folder
+        self.lock_fd: int | None = lock_fd
+        self.locks = _UserLocks()
+        self.named_locks = _UserLocks()  # exclusive(): names, never user ids, so a registry of their own
+        self.folder_sync = _GroupSync(functools.partial(_fsync_dir, folder))
+        self.journal = _Journal(folder, self.folder_sync) if journal else None
+        self.stores: weakref.WeakSet[_FolderStore] = weakref.WeakSet()
+        self.caches: weakref.WeakSet[_RecordCache] = weakref.WeakSet()
+        self.writes: set[concurrent.futures.Future[Any]] = set()
+
+    def start_write(self, store: _FolderStore, operation: str, func: Callable[..., _T], *args: Any) -> \
+            concurrent.futures.Future[_T]:
+        """Run func in the I/O pool as a write of store, if store may still write.
+
+        The check and the registration happen under the registry lock, which
+        close() takes too: a write is either refused or waited for, never left
+        to land after the lock is released.
+        """
+        with _registry_lock:
+            store.check_writable(operation)
+            running = _io_executor().submit(func, *args)
+            self.writes.add(running)
+        running.add_done_callback(self._write_done)
+        return running
+
+    def _write_done(self, running: concurrent.futures.Future[Any]) -> None:
+        with _registry_lock:
+            self.writes.discard(running)
+
+    async def detach(self, store: _FolderStore) -> None:
+        """Forget store; when it was the last, finish every write and the journal, then release the lock.
+
+        An instance may open the folder while this one finishes: it then keeps
+        the lock and the journal, and nothing it saves is deleted with them.
+        """
+        with _registry_lock:
+            self.stores.discard(store)
+            if self.stores:
+                return
+        while True:
+            with _registry_lock:
+                writes = list(self.writes)
+            if writes:
+                await _wait_for_futures(writes)
+            elif await _in_thread(self._finish_sync):
+                return
+
+    def _finish_sync(self) -> bool:
+        """The last instance's close, blocking: the last checkpoint, then the journal and the lock go.
+
+        False when writes came in meanwhile and it must run again; True when
+        done, or when an instance opened meanwhile and goes on with it all.
+        """
+        failure: OSError | None = None
+        if self.journal is not None:
+            try:
+                self.journal.finish_sync()
+            except OSError as exc:  # the journal stays, and the next open replays it
+                failure = exc
+        with _registry_lock:
+            if self.stores:
+                return True
+            if self.writes:
+                return False
+            if self.journal is not None:
+                if failure is not None:
+                    self.journal.abandon()
+                elif not self.journal.delete_if_idle():
+                    return False  # saves came in while the last checkpoint ran
+            self._release_lock()
+        if failure is not None:
+            raise failure
+        return True
+
+    def _release_lock(self) -> None:
+        """Under _registry_lock: forget the folder and close the lock file, which releases flock."""
+        if _shared_folders.get(self.folder) is self:
+            del _shared_folders[self.folder]
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+_shared_folders: dict[str, _SharedFolder] = {}
+# Guards _shared_folders and every _SharedFolder's stores and writes: JASON
+# objects may be made and closed in several threads at once.
+_registry_lock = threading.Lock()
 class _FolderStore:
     """Records as JSON files in one folder, written atomically; one writer process at a time."""
 
@@ -2908,7 +2918,10 @@ class JASON(Generic[Record]):
         migrations: Sequence[Callable[[dict[str, Any]], dict[str, Any] | None]] = (),
         journal: bool = False,
     ) -> None:
-        """Open (and, unless readonly, create) db_folder: a folder path, or a server URL.
+        """Open (and, unless readonly, create) the location db_folder: a folder path, or a server URL.
+
+        (db_folder is the name jason-db 0.2.0 gave the argument, kept so that
+        its callers' keyword still works; it is the database's location.)
 
         A URL postgresql://... or postgres://... keeps the records in a
         PostgreSQL table, redis://..., rediss://... or unix://... in a Redis
@@ -3947,9 +3960,9 @@ async def _selftest_checks(folder: str) -> list[str]:
     sample = {"text": "héllo \u2028 \x00", "n": [1, -2, 2**63, 1.5, True, None], "nested": {"a": {}}}
     for pretty in (False, True):
         stdlib = _dumps_stdlib(sample, pretty)
-        _expect(_loads_stdlib(stdlib) == sample, "the stdlib back-end does not round-trip")
-        _expect(_loads(stdlib) == sample, "the active back-end cannot read the stdlib's output")
-        _expect(_dumps(sample, pretty) == stdlib, "the back-ends wrote different bytes")
+        _expect(_loads_stdlib(stdlib) == sample, "the stdlib codec does not round-trip")
+        _expect(_loads(stdlib) == sample, "the active codec cannot read the stdlib's output")
+        _expect(_dumps(sample, pretty) == stdlib, "the codecs wrote different bytes")
     passed.append("stdlib fallback")
     return passed
 
@@ -3957,14 +3970,14 @@ async def _selftest_checks(folder: str) -> list[str]:
 def _run_selftest() -> int:
     import tempfile
 
-    backends = f"orjson {'on' if HAVE_ORJSON else 'off'}, aiofiles {'on' if HAVE_AIOFILES else 'off'}"
+    packages = f"orjson {'on' if HAVE_ORJSON else 'off'}, aiofiles {'on' if HAVE_AIOFILES else 'off'}"
     with tempfile.TemporaryDirectory(prefix="jason-selftest-") as folder:
         try:
             passed = asyncio.run(_selftest_checks(folder))
         except Exception as exc:  # report any failure as a failed self-test, not a traceback
-            print(f"selftest FAILED: {type(exc).__name__}: {exc} ({backends})", file=sys.stderr)
+            print(f"selftest FAILED: {type(exc).__name__}: {exc} ({packages})", file=sys.stderr)
             return 1
-    print(f"selftest passed: {', '.join(passed)} ({backends}, Python {sys.version.split()[0]})")
+    print(f"selftest passed: {', '.join(passed)} ({packages}, Python {sys.version.split()[0]})")
     return 0
 
 
@@ -3976,7 +3989,6 @@ class _UsageError(Exception):
     """A mistake in the command's words: usage, the error and a hint on stderr, exit status 2."""
 
 
-_COMMANDS: Final = ("ls", "get", "set", "rm", "check", "export", "import", "copy", "stats", "migrate", "upgrade")
 _READ_ONLY_COMMANDS: Final = "ls, get, check, export and stats"
 _AS_FOUND: Final = "*"  # no adapter's name: a command writes the records it finds as they are
 
@@ -4637,6 +4649,40 @@ async def _cmd_upgrade(args: Any) -> int:
     return 1 if problems else 0
 
 
+_Argument = tuple[tuple[str, ...], dict[str, Any]]  # (flags, argparse options)
+
+
+def _command_table() -> list[tuple[str, Callable[[Any], Awaitable[int]], str, list[_Argument]]]:
+    """Each command: (name, handler, summary, [(flags, argparse options)]): the parser is made from it."""
+    overwrite = (("--overwrite",), {"action": "store_true", "help": "replace users stored there with other data"})
+    apply = (("--apply",), {"action": "store_true", "help": "do it (needs the bot stopped); without it, only show"})
+    user_id = (("user_id",), {"metavar": "ID"})
+    return [
+        ("ls", _cmd_ls, "list the user ids, one per line",
+         [(("--count",), {"action": "store_true", "help": "print only how many users there are"})]),
+        ("get", _cmd_get, "print a user's record as stored (defaults not merged)", [user_id]),
+        ("set", _cmd_set, "replace a user's record with the JSON object on stdin", [user_id]),
+        ("rm", _cmd_rm, "delete a user's record", [user_id]),
+        ("check", _cmd_check, "report corrupt records, temp, quarantined and stray files",
+         [(("--fix-temp",), {"action": "store_true", "help": "remove leftover temp files (needs the bot stopped)"})]),
+        ("export", _cmd_export, "write every user to a JSONL or SQLite file",
+         [(("--format",), {"choices": ("jsonl", "sqlite"), "default": None,
+                           "help": "default: from OUT's name (.jsonl, .ndjson; .sqlite, .sqlite3, .db)"}),
+          (("out",), {"metavar": "OUT", "help": "the file to write; - for stdout (JSONL only)"})]),
+        ("import", _cmd_import, "load a JSONL or SQLite export into the folder",
+         [(("file",), {"metavar": "FILE", "help": "the export to read; - for JSONL on stdin"}), overwrite]),
+        ("stats", _cmd_stats, "number of users, record sizes and folder size", []),
+        ("copy", _cmd_copy, "copy every user to another location, then verify each copy",
+         [(("target",), {"metavar": "TARGET", "help": "the folder or server URL to copy to"}), overwrite,
+          (("--target-namespace",), {"metavar": "NAME",
+                                      "help": "on a server: TARGET's namespace (default: --namespace)"})]),
+        ("migrate", _cmd_migrate, "bring every record to the current version of its migrations",
+         [(("--migrations",), {"required": True, "metavar": "MODULE:NAME", "help": "the list of migration "
+                               "functions, e.g. bot.records:MIGRATIONS (imported from here)"}), apply]),
+        ("upgrade", _cmd_upgrade, "rename a jason-db 0.2.0 folder's files to this version's names", [apply]),
+    ]
+
+
 def _build_parser() -> Any:
     import argparse
 
@@ -4658,47 +4704,11 @@ def _build_parser() -> Any:
     parser.add_argument("--fast", action="store_true",
                         help="writing commands: do not wait for each save to reach the disk (durable=False)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    ls = commands.add_parser("ls", help="list the user ids, one per line")
-    ls.add_argument("--count", action="store_true", help="print only how many users there are")
-    ls.set_defaults(handler=_cmd_ls)
-    get = commands.add_parser("get", help="print a user's record as stored (defaults not merged)")
-    get.add_argument("user_id", metavar="ID")
-    get.set_defaults(handler=_cmd_get)
-    set_ = commands.add_parser("set", help="replace a user's record with the JSON object on stdin")
-    set_.add_argument("user_id", metavar="ID")
-    set_.set_defaults(handler=_cmd_set)
-    rm = commands.add_parser("rm", help="delete a user's record")
-    rm.add_argument("user_id", metavar="ID")
-    rm.set_defaults(handler=_cmd_rm)
-    check = commands.add_parser("check", help="report corrupt records, temp, quarantined and stray files")
-    check.add_argument("--fix-temp", action="store_true", help="remove leftover temp files (needs the bot stopped)")
-    check.set_defaults(handler=_cmd_check)
-    export = commands.add_parser("export", help="write every user to a JSONL or SQLite file")
-    export.add_argument("--format", choices=("jsonl", "sqlite"), default=None,
-                        help="default: from OUT's name (.jsonl, .ndjson; .sqlite, .sqlite3, .db)")
-    export.add_argument("out", metavar="OUT", help="the file to write; - for stdout (JSONL only)")
-    export.set_defaults(handler=_cmd_export)
-    import_ = commands.add_parser("import", help="load a JSONL or SQLite export into the folder")
-    import_.add_argument("file", metavar="FILE", help="the export to read; - for JSONL on stdin")
-    import_.add_argument("--overwrite", action="store_true", help="replace users stored with other data")
-    import_.set_defaults(handler=_cmd_import)
-    stats = commands.add_parser("stats", help="number of users, record sizes and folder size")
-    stats.set_defaults(handler=_cmd_stats)
-    copy = commands.add_parser("copy", help="copy every user to another location, then verify each copy")
-    copy.add_argument("target", metavar="TARGET", help="the folder or server URL to copy to")
-    copy.add_argument("--overwrite", action="store_true", help="replace users stored there with other data")
-    copy.add_argument("--target-namespace", metavar="NAME",
-                      help="on a server: TARGET's namespace (default: --namespace)")
-    copy.set_defaults(handler=_cmd_copy)
-    migrate = commands.add_parser("migrate", help="bring every record to the current version of its migrations")
-    migrate.add_argument("--migrations", required=True, metavar="MODULE:NAME",
-                         help="the list of migration functions, e.g. bot.records:MIGRATIONS (imported from here)")
-    migrate.add_argument("--apply", action="store_true", help="do it (needs the bot stopped); without it, only show")
-    migrate.set_defaults(handler=_cmd_migrate)
-    upgrade = commands.add_parser("upgrade", help="rename a jason-db 0.2.0 folder's files to this version's names")
-    upgrade.add_argument("--apply", action="store_true", help="do it (needs the bot stopped); without it, only show")
-    upgrade.set_defaults(handler=_cmd_upgrade)
+    for name, handler, summary, arguments in _command_table():
+        command = commands.add_parser(name, help=summary)
+        for flags, options in arguments:
+            command.add_argument(*flags, **options)
+        command.set_defaults(handler=handler)
     return parser
 
 
@@ -4706,10 +4716,11 @@ def _usage_hint(argv: list[str]) -> str | None:
     """What the user probably meant, for the slips newcomers make."""
     import shlex
 
+    commands = [name for name, _, _, _ in _command_table()]
     words = [word for word in argv if not word.startswith("-")]
-    if len(words) == 1 and words[0] not in _COMMANDS:
-        return f"no command after {words[0]}; try: jason {words[0]} ls (commands: {', '.join(_COMMANDS)})"
-    if len(words) >= 2 and words[0] in _COMMANDS and words[1] not in _COMMANDS and not os.path.isdir(words[0]):
+    if len(words) == 1 and words[0] not in commands:
+        return f"no command after {words[0]}; try: jason {words[0]} ls (commands: {', '.join(commands)})"
+    if len(words) >= 2 and words[0] in commands and words[1] not in commands and not os.path.isdir(words[0]):
         rest = " ".join(words[2:])
         return f"the folder comes first: jason {words[1]} {words[0]}{' ' + rest if rest else ''}"
     if len(words) >= 4 and words[1] == "set":

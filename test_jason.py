@@ -1,7 +1,7 @@
 """Tests for jason.py: python -m unittest -v test_jason
 
-Every test runs with whatever optional back-ends are installed; `make test`
-runs the suite twice, the second time with orjson and aiofiles blocked.
+Every test runs with whatever optional packages (orjson, the drivers, the frameworks) are installed; `make test`
+runs it twice, the second time with orjson blocked, on the tests that go through the JSON codec.
 """
 
 from __future__ import annotations
@@ -763,7 +763,7 @@ class SaveTest(FolderMixin):
         self.assertEqual(os.stat(self.path(1)).st_mode & 0o777, 0o600)
 
     async def test_subclasses_that_hide_their_contents_are_stored_as_they_really_are(self) -> None:
-        """The check reads what the serialiser writes, so both back-ends store the same data."""
+        """The check reads what the serialiser writes, so both codecs store the same data."""
 
         class HidingDict(dict):  # type: ignore[type-arg]
             def items(self):  # type: ignore[no-untyped-def]
@@ -4182,7 +4182,7 @@ else:
 
 
 class ParityChecks(_ParityBase):
-    """Checks that every back-end must pass; subclasses bind dumps and loads."""
+    """Checks that every codec must pass; subclasses bind dumps and loads."""
 
     dumps = staticmethod(jason._dumps_stdlib)
     loads = staticmethod(jason._loads_stdlib)
