@@ -11,6 +11,7 @@ import contextlib
 import errno
 import gc
 import glob
+import inspect
 import itertools
 import json
 import logging
@@ -91,7 +92,12 @@ RECORD: dict[str, Any] = {
 
 # Hides the optional packages from an interpreter; `make test-stdlib` runs the suite with the
 # same lines as a sitecustomize on PYTHONPATH, which child_env() passes on to every child.
-OPTIONAL_BLOCK = "import sys; sys.modules['orjson'] = None; sys.modules['aiofiles'] = None"
+def without(*modules: str) -> str:
+    """Python that makes modules unimportable, as on a machine without them: the suite's one such probe."""
+    return "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in modules)
+
+
+OPTIONAL_BLOCK = without("orjson", "aiofiles")
 
 
 def child_env() -> dict[str, str]:
@@ -100,10 +106,11 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": HERE + (os.pathsep + inherited if inherited else "")}
 
 
-def run_child(code: str, *args: str, timeout: float = CHILD_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    """Run code in a fresh interpreter that imports this checkout's jason."""
+def run_child(code: str, *args: str, timeout: float = CHILD_TIMEOUT,
+              missing: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Run code in a fresh interpreter that imports this checkout's jason, where the modules missing are not."""
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
+        [sys.executable, "-c", without(*missing) + textwrap.dedent(code), *args],
         capture_output=True, text=True, timeout=timeout, env=child_env(), check=False,
     )
 
@@ -1882,6 +1889,42 @@ class EventLoopsTest(unittest.TestCase):
             self.assertEqual(result.stdout.strip(), "opened", result.stderr)
 
 
+class LockFileTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="jason-lock-")
+        self.folder = self._tmp.name
+        self.lock_path = os.path.join(self.folder, jason.LOCK_FILE_NAME)
+
+    def tearDown(self) -> None:
+        self._tmp.cleanup()
+
+    @unittest.skipIf(sys.platform == "win32", "symbolic links need privileges on Windows")
+    def test_a_symlinked_lock_file_is_never_followed(self) -> None:
+        elsewhere = tempfile.TemporaryDirectory(prefix="jason-elsewhere-")
+        self.addCleanup(elsewhere.cleanup)
+        outside = os.path.join(elsewhere.name, "precious.txt")
+        with open(outside, "wb") as file:
+            file.write(b"precious")
+        with open(os.path.join(self.folder, "42.json"), "wb") as file:
+            file.write(b'{"user": 42}')
+        for target in ("42.json", outside):
+            with self.subTest(target=target):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.lock_path)
+                os.symlink(target, self.lock_path)
+                with self.assertRaisesRegex(JasonError, "symbolic link"):
+                    JASON(self.folder)
+        self.assertEqual(read_bytes(os.path.join(self.folder, "42.json")), b'{"user": 42}')
+        self.assertEqual(read_bytes(outside), b"precious")
+
+    def test_a_failed_lock_file_write_does_not_keep_the_folder_locked(self) -> None:
+        with failing("ftruncate", lambda args: True, errno.ENOSPC), self.assertRaises(OSError) as caught:
+            JASON(self.folder)
+        self.assertEqual(caught.exception.errno, errno.ENOSPC)
+        db = JASON(self.folder)  # the same process, at once: the failed attempt left no lock behind
+        asyncio.run(db.close())
+
+
 # ---------------------------------------------------------------- the journal (journal=True)
 
 
@@ -2270,42 +2313,6 @@ class JournalLifecycleTest(unittest.TestCase):
                     self.assertIn("is not a regular file", listed.stderr)
                 finally:
                     os.unlink(path)
-
-
-class LockFileTest(unittest.TestCase):
-    def setUp(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="jason-lock-")
-        self.folder = self._tmp.name
-        self.lock_path = os.path.join(self.folder, jason.LOCK_FILE_NAME)
-
-    def tearDown(self) -> None:
-        self._tmp.cleanup()
-
-    @unittest.skipIf(sys.platform == "win32", "symbolic links need privileges on Windows")
-    def test_a_symlinked_lock_file_is_never_followed(self) -> None:
-        elsewhere = tempfile.TemporaryDirectory(prefix="jason-elsewhere-")
-        self.addCleanup(elsewhere.cleanup)
-        outside = os.path.join(elsewhere.name, "precious.txt")
-        with open(outside, "wb") as file:
-            file.write(b"precious")
-        with open(os.path.join(self.folder, "42.json"), "wb") as file:
-            file.write(b'{"user": 42}')
-        for target in ("42.json", outside):
-            with self.subTest(target=target):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.lock_path)
-                os.symlink(target, self.lock_path)
-                with self.assertRaisesRegex(JasonError, "symbolic link"):
-                    JASON(self.folder)
-        self.assertEqual(read_bytes(os.path.join(self.folder, "42.json")), b'{"user": 42}')
-        self.assertEqual(read_bytes(outside), b"precious")
-
-    def test_a_failed_lock_file_write_does_not_keep_the_folder_locked(self) -> None:
-        with failing("ftruncate", lambda args: True, errno.ENOSPC), self.assertRaises(OSError) as caught:
-            JASON(self.folder)
-        self.assertEqual(caught.exception.errno, errno.ENOSPC)
-        db = JASON(self.folder)  # the same process, at once: the failed attempt left no lock behind
-        asyncio.run(db.close())
 
 
 # ---------------------------------------------------------------- framework adapters
@@ -2783,23 +2790,18 @@ class AdapterImportTest(unittest.TestCase):
     @slow  # a child that imports both frameworks: seconds
     def test_the_adapters_are_public_names_where_their_framework_is_installed(self) -> None:
         probe = """
-            import sys
-            if sys.argv[1] == "blocked":
-                sys.modules["aiogram"] = sys.modules["telegram"] = None
             from jason import *
             import jason
             print(sorted(set(jason.__all__) - {"JASON", "JasonError", "InvalidUserIdError", "CorruptDataError",
                                                "DatabaseLockedError", "ReadOnlyError"}))
         """
-        self.assertEqual(run_child(probe, "blocked").stdout.strip(), "[]")  # and `import *` still works
+        missing = run_child(probe, missing=("aiogram", "telegram"))
+        self.assertEqual(missing.stdout.strip(), "[]", missing.stderr)  # and `import *` still works
         if HAVE_AIOGRAM and HAVE_PTB:
-            self.assertEqual(run_child(probe, "installed").stdout.strip(), "['AiogramStorage', 'PTBPersistence']")
+            self.assertEqual(run_child(probe).stdout.strip(), "['AiogramStorage', 'PTBPersistence']")
 
     def test_a_missing_framework_names_its_install_command(self) -> None:
         probe = """
-            import sys
-            sys.modules["aiogram"] = None
-            sys.modules["telegram"] = None
             import jason
             for name in ("AiogramStorage", "PTBPersistence"):
                 try:
@@ -2811,7 +2813,7 @@ class AdapterImportTest(unittest.TestCase):
             except AttributeError as exc:
                 print(exc)
         """
-        lines = run_child(probe).stdout.splitlines()
+        lines = run_child(probe, missing=("aiogram", "telegram")).stdout.splitlines()
         self.assertEqual(len(lines), 3, lines)
         self.assertIn('jason.AiogramStorage needs aiogram', lines[0])
         self.assertIn("pip install aiogram", lines[0])
@@ -3101,19 +3103,9 @@ class MigrationTest(FolderMixin):
 # ---------------------------------------------------------------- the migrate command
 
 
-MIGRATIONS_MODULE = '''
-def rename_score(record):
-    record["points"] = record.pop("score", 0)
-
-def split_tags(record):
-    return {**record, "tags": record["tags"].split(",") if record["tags"] else []}
-
-def add_level(record):
-    record.pop("legacy", None)
-    record["level"] = record["points"] // 10
-
-MIGRATIONS = [rename_score, split_tags, add_level]
-'''
+# The migrations above, as the module a user would name with --migrations records:MIGRATIONS.
+MIGRATIONS_MODULE = "from typing import Any\n\n\n" + "\n\n".join(inspect.getsource(step) for step in MIGRATIONS) + \
+    f"\n\nMIGRATIONS = [{', '.join(step.__name__ for step in MIGRATIONS)}]\n"
 
 
 def read_record_files(folder: str) -> dict[str, dict[str, Any]]:
@@ -3391,14 +3383,12 @@ class ServerBackendMixin(_ServerBase):
         module, extra = {"postgres": ("asyncpg", "postgres"), "redis": ("redis", "redis")}[self.backend]
         package = module
         result = run_child(f"""
-            import sys
-            sys.modules[{module!r}] = None
             import jason
             try:
                 jason.JASON({self.location!r})
             except jason.JasonError as exc:
                 print(exc)
-        """)
+        """, missing=(module,))
         self.assertIn(f"pip install {package} (from a JASON checkout: pip install \".[{extra}]\")", result.stdout,
                       result.stderr)
         self.assertNotIn("jason-db", result.stdout)
@@ -4271,8 +4261,7 @@ class OrjsonParityTest(ParityChecks, unittest.TestCase):
 def run_cli(*args: str, stdin: str | bytes | None = None, blocked: bool = False,
             timeout: float = CHILD_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run `python jason.py ARGS` in a child, as a user would; blocked hides orjson and aiofiles."""
-    block = OPTIONAL_BLOCK + "; " if blocked else ""
-    code = block + "import sys, jason; sys.exit(jason.main(sys.argv[1:]))"
+    code = (OPTIONAL_BLOCK if blocked else "") + "import sys, jason; sys.exit(jason.main(sys.argv[1:]))"
     data = stdin.encode() if isinstance(stdin, str) else stdin
     result = subprocess.run([sys.executable, "-c", code, *args], input=data, capture_output=True,
                             timeout=timeout, env=child_env(), check=False)
