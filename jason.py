@@ -39,6 +39,7 @@ from __future__ import annotations
 
 __all__ = [
     "JASON",
+    "SyncJASON",
     "JasonError",
     "InvalidUserIdError",
     "CorruptDataError",
@@ -72,7 +73,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Final, Generic, Literal, NoReturn, Optional, Protocol, TypeVar, cast
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+    from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Generator, Iterator, Sequence
 
     from typing_extensions import TypeVar as TypeVarWithDefault
 
@@ -1538,8 +1539,9 @@ def _forget_folders_after_fork() -> None:
     # fork see the pid change and refuse to write. The I/O pool's threads did
     # not survive the fork, so the child starts a pool of its own; a lock that
     # another thread held at the fork would never be released, so it is new too.
-    global _executor, _checkpoint_pool, _registry_lock
+    global _executor, _checkpoint_pool, _registry_lock, _sync_loop
     _executor = _checkpoint_pool = None
+    _sync_loop = None  # SyncJASON's loop thread did not survive either
     _registry_lock = threading.Lock()
     for shared in _shared_folders.values():
         if shared.lock_fd is not None:
@@ -3482,6 +3484,209 @@ class JASON(Generic[Record]):
 
     def _where(self, key: str) -> str:
         return self._store.where(key)
+
+
+# ---------------------------------------------------------------- the blocking API
+
+
+class _EditDropped(Exception):
+    """Raised inside a blocking edit's async block when the caller's block raised: nothing is saved."""
+
+
+class _SyncLoop:
+    """The event loop every SyncJASON of the process runs on, in a thread of its own.
+
+    One loop for all of them, since JASON's per-user locks serve one loop at
+    a time and two SyncJASONs may share a folder. Started by the first
+    SyncJASON, ended when the last one closes.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="jason-sync", daemon=True)
+        self.users = 0
+        self.thread.start()
+
+    def end(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+_sync_loop: _SyncLoop | None = None
+
+
+def _take_sync_loop() -> _SyncLoop:
+    global _sync_loop
+    with _registry_lock:
+        if _sync_loop is None:
+            _sync_loop = _SyncLoop()
+        _sync_loop.users += 1
+        return _sync_loop
+
+
+def _give_back_sync_loop(runner: _SyncLoop) -> None:
+    global _sync_loop
+    with _registry_lock:
+        runner.users -= 1
+        if runner.users > 0 or _sync_loop is not runner:
+            return
+        _sync_loop = None
+    runner.end()
+
+
+class SyncJASON(Generic[Record]):
+    """JASON for blocking code (TeleBot, Flask, scripts): the same constructor, methods and errors, without await.
+
+    ``db = SyncJASON("data/users", default_structure={"n": 0})``, then
+    ``db.load_user_data(uid)``, ``with db.edit_user_data(uid) as data:``...
+    One JASON works underneath, on an event loop in a thread of JASON's own
+    (one for every SyncJASON of the process, ended when the last closes):
+    each call hands its coroutine to that loop and waits for the outcome, so
+    the guarantees are JASON's, and any number of threads may call at once
+    (edits of one user take turns). In an edit, a call that would wait for
+    the user being edited by the same thread raises JasonError at once, as
+    in JASON. In one process, use a folder either through SyncJASON or from
+    one event loop through JASON: its per-user locks serve one loop.
+    """
+
+    def __init__(self, db_folder: str | os.PathLike[str], default_structure: Mapping[str, Any] | None = None,
+                 **options: Any) -> None:
+        self._db: JASON[Record] = JASON(db_folder, default_structure, **options)
+        self._runner: _SyncLoop | None = _take_sync_loop()
+        self._editing = threading.local()  # the users each thread is editing
+
+    def __repr__(self) -> str:
+        return "<Sync" + repr(self._db)[1:]
+
+    def __enter__(self) -> SyncJASON[Record]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def folder(self) -> str:
+        return self._db.folder
+
+    @property
+    def location(self) -> str:
+        return self._db.location
+
+    def _call(self, work: Awaitable[_T]) -> _T:
+        """Run work on the JASON's loop and wait for its outcome, in the calling thread."""
+
+        async def run() -> _T:
+            return await work
+
+        try:
+            running = self._submit(run())
+        except JasonError:
+            getattr(work, "close", lambda: None)()  # never started: no "never awaited" warning
+            raise
+        return running.result()
+
+    def _refuse_nested(self, user_id: int | str, operation: str) -> None:
+        key = _user_key(user_id)
+        if key in getattr(self._editing, "keys", ()):
+            raise JasonError(f"{operation}({key!r}) inside edit_user_data({key!r}) in the same thread would wait for "
+                             "itself forever; change the dict that edit_user_data gave you instead (it is saved "
+                             "when the block ends)")
+
+    def load_user_data(self, user_id: int | str) -> Record:
+        return self._call(self._db.load_user_data(user_id))
+
+    def save_user_data(self, user_id: int | str, data: Record) -> None:
+        self._refuse_nested(user_id, "save_user_data")
+        self._call(self._db.save_user_data(user_id, data))
+
+    def delete_user_data(self, user_id: int | str) -> bool:
+        self._refuse_nested(user_id, "delete_user_data")
+        return self._call(self._db.delete_user_data(user_id))
+
+    def user_exists(self, user_id: int | str) -> bool:
+        return self._call(self._db.user_exists(user_id))
+
+    def user_ids(self) -> list[str]:
+        return self._call(self._db.user_ids())
+
+    def users(self, concurrency: int = USERS_CONCURRENCY, *,
+              skipped: list[tuple[str, JasonError]] | None = None) -> Generator[tuple[str, Record], None, None]:
+        """JASON.users() as a plain iterator: ``for uid, data in db.users():``."""
+        visits = cast("AsyncGenerator[tuple[str, Record], None]", self._db.users(concurrency, skipped=skipped))
+        try:
+            while True:
+                try:
+                    yield self._call(visits.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            if self._runner is not None:
+                self._call(visits.aclose())
+
+    @contextlib.contextmanager
+    def edit_user_data(self, user_id: int | str) -> Iterator[Record]:
+        """Read-modify-write under the user's lock: saved when the block ends, dropped if it raises."""
+        self._refuse_nested(user_id, "edit_user_data")
+        given: concurrent.futures.Future[Record] = concurrent.futures.Future()
+        release: concurrent.futures.Future[bool] = concurrent.futures.Future()  # True: save
+
+        async def edit() -> None:
+            try:
+                async with self._db.edit_user_data(user_id) as data:
+                    given.set_result(data)
+                    if not await asyncio.wrap_future(release):
+                        raise _EditDropped
+            except _EditDropped:
+                pass
+            except BaseException as exc:
+                if given.done():
+                    raise
+                given.set_exception(exc)  # the edit never began
+
+        running = self._submit(edit())
+        try:
+            data = given.result()
+        except BaseException:
+            running.result()
+            raise
+        editing = getattr(self._editing, "keys", [])
+        self._editing.keys = [*editing, _user_key(user_id)]
+        try:
+            yield data
+        except BaseException:
+            release.set_result(False)
+            running.result()
+            raise
+        else:
+            release.set_result(True)
+            running.result()  # the save's error, if any
+        finally:
+            self._editing.keys = editing
+
+    def _submit(self, work: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        """work started on the JASON's loop; JasonError (and work never started) where it could not run."""
+        runner = self._runner
+        refusal = None
+        if runner is None:
+            refusal = f"this SyncJASON for {self._db.location} is closed; open a new one"
+        elif threading.current_thread() is runner.thread:
+            refusal = ("a SyncJASON call from its own event loop's thread would wait for itself forever; use the "
+                       "JASON underneath (await) there")
+        if refusal is not None or runner is None:
+            work.close()
+            raise JasonError(refusal)
+        return asyncio.run_coroutine_threadsafe(work, runner.loop)
+
+    def close(self) -> None:
+        """Close the JASON (after the calls under way), then end its loop and thread. Closing twice is harmless."""
+        if self._runner is None:
+            return
+        try:
+            self._call(self._db.close())
+        finally:
+            runner, self._runner = self._runner, None
+            _give_back_sync_loop(runner)
 
 
 # ---------------------------------------------------------------- framework adapters

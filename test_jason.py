@@ -7,8 +7,10 @@ runs it twice, the second time with orjson blocked, on the tests that go through
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
+import functools
 import gc
 import glob
 import inspect
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import pickle
+import queue
 import random
 import re
 import shlex
@@ -439,6 +442,12 @@ for _available, _what in [
 ]:
     if not _available:
         _missing_here.append(_what)
+
+
+def async_only(test: Any) -> Any:
+    """Mark a test of the API suite that is about coroutines (tasks, cancellation): not run on SyncJASON."""
+    test.async_only = True
+    return test
 
 
 def folder_only(test: Any) -> Any:
@@ -3209,6 +3218,177 @@ class MigrateCommandTest(unittest.TestCase):
 on_every_backend(ConstructionTest, LoadTest, SaveTest, EditTest, DeleteTest, UserIdsTest, UserIdMappingTest,
                  BadInputSweepTest, ConcurrencyTest, CloseTest, ReentryTest, AiogramStorageTest, PTBPersistenceTest,
                  SharedLocationTest, ToolMethodsTest, UsersTest, MigrationTest)
+
+
+# ---------------------------------------------------------------- the blocking API
+
+
+class AsyncOverSync:
+    """A SyncJASON behind JASON's async API, each call in a thread: so the API suite runs unchanged on it."""
+
+    def __init__(self, sync: jason.SyncJASON) -> None:
+        self.sync = sync
+        # Threads of its own: an edit's block keeps one busy while the test's coroutine runs.
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = concurrent.futures.ThreadPoolExecutor(
+            64, thread_name_prefix="sync-api-test")
+
+    def __getattr__(self, name: str) -> Any:  # folder, location
+        return getattr(self.sync, name)
+
+    async def _in_thread(self, func: Callable[..., Any], *args: Any) -> Any:
+        if self._threads is None:  # closed: as the SyncJASON itself says, in the calling thread
+            return func(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(func, *args))
+
+    async def load_user_data(self, user_id: Any) -> Any:
+        return await self._in_thread(self.sync.load_user_data, user_id)
+
+    async def save_user_data(self, user_id: Any, data: Any) -> None:
+        await self._in_thread(self.sync.save_user_data, user_id, data)
+
+    async def delete_user_data(self, user_id: Any) -> bool:
+        return bool(await self._in_thread(self.sync.delete_user_data, user_id))
+
+    async def user_exists(self, user_id: Any) -> bool:
+        return bool(await self._in_thread(self.sync.user_exists, user_id))
+
+    async def user_ids(self) -> list[str]:
+        return list(await self._in_thread(self.sync.user_ids))
+
+    async def users(self, concurrency: int = jason.USERS_CONCURRENCY, *,
+                    skipped: list[Any] | None = None) -> AsyncIterator[tuple[str, Any]]:
+        visits = self.sync.users(concurrency, skipped=skipped)
+        done = object()
+        try:
+            while (item := await self._in_thread(next, visits, done)) is not done:
+                yield item
+        finally:
+            await self._in_thread(visits.close)
+
+    @contextlib.asynccontextmanager
+    async def edit_user_data(self, user_id: Any) -> AsyncIterator[Any]:
+        """The blocking edit, its `with` block held open in one thread while this block runs."""
+        loop = asyncio.get_running_loop()
+        entered: asyncio.Future[Any] = loop.create_future()
+        outcome: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+
+        def block() -> None:
+            with self.sync.edit_user_data(user_id) as data:
+                loop.call_soon_threadsafe(entered.set_result, data)
+                error = outcome.get()
+                if error is not None:
+                    raise error
+
+        finished = asyncio.ensure_future(self._in_thread(block))
+        await asyncio.wait([entered, finished], return_when=asyncio.FIRST_COMPLETED)
+        if not entered.done():
+            entered.cancel()
+            await finished  # raises why the edit never began
+        try:
+            yield entered.result()
+        except BaseException as exc:
+            outcome.put(exc)
+            with contextlib.suppress(BaseException):
+                await finished
+            raise
+        outcome.put(None)
+        await finished
+
+    async def __aenter__(self) -> AsyncOverSync:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._threads is not None:
+            await self._in_thread(self.sync.close)
+            self._threads.shutdown()
+            self._threads = None
+
+
+class SyncJASONTest(FolderMixin):
+    """What only the blocking API has: threads, its own loop, a `with` block."""
+
+    def sync_db(self, **options: Any) -> jason.SyncJASON:
+        if self.backend == "folder":
+            options.setdefault("durable", False)  # the promise here is no lost update, not the fsyncs
+        db: jason.SyncJASON = jason.SyncJASON(self.location, **{**self.options, **options})
+        self.addCleanup(db.close)
+        return db
+
+    async def asyncSetUp(self) -> None:
+        await super().asyncSetUp()
+        await self.db.close()  # the folder's locks serve one loop: the SyncJASONs' here
+
+    def test_16_threads_of_500_edits_of_8_users_keep_every_increment(self) -> None:  # 100 each in make quick
+        db = self.sync_db()
+        edits = 100 if QUICK else 500
+
+        def work(thread: int) -> None:
+            for _ in range(edits):
+                with db.edit_user_data(thread % 8) as data:
+                    data["n"] = data.get("n", 0) + 1
+
+        threads = [threading.Thread(target=work, args=(thread,)) for thread in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual({user: data["n"] for user, data in db.users()}, {str(user): 2 * edits for user in range(8)})
+
+    def test_a_call_that_would_wait_for_the_same_threads_edit_raises_at_once(self) -> None:
+        db = self.sync_db()
+        with db.edit_user_data(5) as data:
+            data["n"] = 1
+            for call in (lambda: db.save_user_data(5, {}), lambda: db.delete_user_data(5),
+                         lambda: db.edit_user_data("5").__enter__()):
+                with self.assertRaisesRegex(JasonError, "in the same thread would wait for itself"):
+                    call()
+            db.save_user_data(6, {"other": True})  # another user is fine
+        self.assertEqual(db.load_user_data(5), {"n": 1})
+
+    def test_two_instances_share_a_folder_and_closing_one_leaves_the_other_working(self) -> None:
+        first, second = self.sync_db(), self.sync_db()
+        first.save_user_data(1, {"a": 1})
+        self.assertEqual(second.load_user_data(1), {"a": 1})
+        first.close()
+        first.close()  # harmless
+        with self.assertRaisesRegex(JasonError, "is closed"):
+            first.load_user_data(1)
+        second.save_user_data(2, {"b": 2})
+        with jason.SyncJASON(self.location, **self.options) as third:  # type: ignore[arg-type]
+            self.assertEqual(third.user_ids(), ["1", "2"])
+        with self.assertRaisesRegex(JasonError, "is closed"):
+            third.user_ids()
+
+    def test_the_loop_thread_ends_with_the_last_instance(self) -> None:
+        db = self.sync_db()
+        db.save_user_data(1, {})
+        self.assertIn("jason-sync", [thread.name for thread in threading.enumerate()])
+        db.close()
+        self.assertNotIn("jason-sync", [thread.name for thread in threading.enumerate()])
+
+
+def on_the_blocking_api(*test_classes: type[FolderMixin]) -> None:
+    """Run these test classes, on every backend, through SyncJASON: SyncLoadTest, SyncPostgresLoadTest, ..."""
+    for test_class in test_classes:
+        for variant in [test_class] + [globals()[f"{name}{test_class.__name__}"] for name in ("Postgres", "Redis")]:
+            left_out = {attr: None for attr in dir(variant)
+                        if attr.startswith("test_") and getattr(getattr(variant, attr), "async_only", False)}
+
+            def open_db(self: FolderMixin, **options: object) -> Any:
+                options.setdefault("default_structure", DEFAULT)
+                db = AsyncOverSync(jason.SyncJASON(self.location, **{**self.options, **options}))  # type: ignore[arg-type]
+                self._opened.append(db)  # type: ignore[arg-type]
+                return db
+
+            synced = type(f"Sync{variant.__name__}", (variant,), {"open_db": open_db, **left_out})
+            globals()[synced.__name__] = synced
+
+
+on_the_blocking_api(LoadTest, SaveTest, EditTest, DeleteTest, UserIdsTest, UsersTest)
+on_every_backend(SyncJASONTest)
 
 
 # ---------------------------------------------------------------- server backends
