@@ -2801,8 +2801,8 @@ class AdapterImportTest(unittest.TestCase):
         probe = """
             from jason import *
             import jason
-            print(sorted(set(jason.__all__) - {"JASON", "JasonError", "InvalidUserIdError", "CorruptDataError",
-                                               "DatabaseLockedError", "ReadOnlyError"}))
+            print(sorted(set(jason.__all__) - {"JASON", "SyncJASON", "JasonError", "InvalidUserIdError",
+                                               "CorruptDataError", "DatabaseLockedError", "ReadOnlyError"}))
         """
         missing = run_child(probe, missing=("aiogram", "telegram"))
         self.assertEqual(missing.stdout.strip(), "[]", missing.stderr)  # and `import *` still works
