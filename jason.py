@@ -100,7 +100,8 @@ HAVE_AIOFILES = importlib.util.find_spec("aiofiles") is not None
 # The framework adapters are made on first use (see __getattr__), and making one imports its
 # framework: they are public names where the framework is installed, so `from jason import *`
 # works everywhere. find_spec looks for a package without importing it.
-__all__ += [name for name, framework in (("AiogramStorage", "aiogram"), ("PTBPersistence", "telegram"))
+__all__ += [name for name, framework in (("AiogramStorage", "aiogram"), ("PTBPersistence", "telegram"),
+                                         ("TelebotStateStorage", "telebot"), ("AsyncTelebotStateStorage", "telebot"))
             if importlib.util.find_spec(framework) is not None]
 
 if sys.platform == "win32":  # Windows: byte-range locks
@@ -3593,6 +3594,15 @@ class SyncJASON(Generic[Record]):
                              "itself forever; change the dict that edit_user_data gave you instead (it is saved "
                              "when the block ends)")
 
+    @property
+    def default_structure(self) -> dict[str, Any]:
+        return self._db.default_structure
+
+    def hold_state_of(self, adapter: str,
+                      looks_like_its_records: Callable[[str, dict[str, Any]], bool] | None = None) -> None:
+        """JASON.hold_state_of: this SyncJASON holds an adapter's state (TelebotStateStorage's)."""
+        self._db.hold_state_of(adapter, looks_like_its_records)
+
     def load_user_data(self, user_id: int | str) -> Record:
         return self._call(self._db.load_user_data(user_id))
 
@@ -4088,10 +4098,186 @@ class _PTBPersistence:
 
 
 # name -> (the logic, the framework module and base class, the pip package that installs the framework)
+def _telebot_place(chat_id: int | str, user_id: int | str, business_connection_id: str | None,
+                   message_thread_id: int | None, bot_id: int | None) -> tuple[int | str, str]:
+    """(record id, entry name) of a pyTelegramBotAPI state key: named as _aiogram_place names aiogram's."""
+    entry = f"bot {bot_id} chat {chat_id}" if bot_id is not None else f"chat {chat_id}"
+    if message_thread_id is not None:
+        entry += f" thread {message_thread_id}"
+    if business_connection_id is not None:
+        entry += " business " + json.dumps(business_connection_id, ensure_ascii=False)
+    return user_id, entry
+
+
+# What each state storage call does to a user's record, written once for TeleBot and AsyncTeleBot: each
+# takes the record (changed in place, inside one edit) and the entry's name, and returns the call's answer.
+
+def _telebot_set_state(record: dict[str, Any], entry: str, state: Any) -> bool:
+    record.setdefault(entry, {"state": None, "data": {}})["state"] = getattr(state, "name", state)
+    return True
+
+
+def _telebot_delete_state(record: dict[str, Any], entry: str) -> bool:
+    return record.pop(entry, None) is not None
+
+
+def _telebot_set_data(record: dict[str, Any], entry: str, key: str, value: Any) -> bool:
+    if entry not in record:  # as telebot's own storages do: data goes with a state
+        raise RuntimeError(f"no state is set for {entry}: set_state first")
+    _check_storable({"value": value}, f"state data {key!r}")
+    record[entry]["data"][key] = value
+    return True
+
+
+def _telebot_reset_data(record: dict[str, Any], entry: str) -> bool:
+    if entry not in record:
+        return False
+    record[entry]["data"] = {}
+    return True
+
+
+def _telebot_save(record: dict[str, Any], entry: str, data: Any) -> bool:
+    if entry not in record:
+        return False
+    record[entry]["data"] = _check_storable(data, "state data")
+    return True
+
+
+class _TelebotStateStorage:
+    """pyTelegramBotAPI's state storage for TeleBot over a SyncJASON: ``TeleBot(token, state_storage=
+    jason.TelebotStateStorage(SyncJASON("data/states")))``.
+
+    One record per Telegram user, one entry per chat (and thread, business
+    connection and bot) they have a state in, as AiogramStorage keeps them:
+    ``{"bot 42 chat 12345": {"state": "Form:age", "data": {"name": "Ann"}}}``.
+    Every call is one edit of the record: durable when it returns, never lost
+    to another thread's call. The answers are telebot's own storages' (True,
+    False where there was nothing to change; set_data without a state raises
+    RuntimeError).
+    """
+
+    def __init__(self, db: SyncJASON[Any]) -> None:
+        super().__init__()
+        if not isinstance(db, SyncJASON):
+            raise TypeError(f"TelebotStateStorage needs a SyncJASON, not {type(db).__name__}; AsyncTeleBot takes "
+                            "AsyncTelebotStateStorage(JASON(...))")
+        if db.default_structure:
+            raise ValueError("TelebotStateStorage needs a SyncJASON of its own, opened without default_structure: "
+                             "defaults merged into its records would change the states")
+        db.hold_state_of("TelebotStateStorage", _looks_like_telebot_state)
+        self.db = db
+
+    def _edit(self, change: Callable[..., bool], chat_id: int | str, user_id: int | str, *args: Any,
+              business_connection_id: str | None = None, message_thread_id: int | None = None,
+              bot_id: int | None = None) -> bool:
+        record_id, entry = _telebot_place(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
+        with self.db.edit_user_data(record_id) as record:
+            return change(record, entry, *args)
+
+    def _entry(self, chat_id: int | str, user_id: int | str, business_connection_id: str | None = None,
+               message_thread_id: int | None = None, bot_id: int | None = None) -> dict[str, Any]:
+        record_id, entry = _telebot_place(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
+        found: dict[str, Any] = self.db.load_user_data(record_id).get(entry, {})
+        return found
+
+    def set_state(self, chat_id: int, user_id: int, state: Any, **where: Any) -> bool:
+        return self._edit(_telebot_set_state, chat_id, user_id, state, **where)
+
+    def get_state(self, chat_id: int, user_id: int, **where: Any) -> str | None:
+        state: str | None = self._entry(chat_id, user_id, **where).get("state")
+        return state
+
+    def delete_state(self, chat_id: int, user_id: int, **where: Any) -> bool:
+        return self._edit(_telebot_delete_state, chat_id, user_id, **where)
+
+    def set_data(self, chat_id: int, user_id: int, key: str, value: Any, **where: Any) -> bool:
+        return self._edit(_telebot_set_data, chat_id, user_id, key, value, **where)
+
+    def get_data(self, chat_id: int, user_id: int, **where: Any) -> dict[str, Any]:
+        data: dict[str, Any] = self._entry(chat_id, user_id, **where).get("data", {})
+        return data
+
+    def reset_data(self, chat_id: int, user_id: int, **where: Any) -> bool:
+        return self._edit(_telebot_reset_data, chat_id, user_id, **where)
+
+    def save(self, chat_id: int, user_id: int, data: dict[str, Any], business_connection_id: str | None = None,
+             message_thread_id: int | None = None, bot_id: int | None = None) -> bool:
+        return self._edit(_telebot_save, chat_id, user_id, data, business_connection_id=business_connection_id,
+                          message_thread_id=message_thread_id, bot_id=bot_id)
+
+    def get_interactive_data(self, chat_id: int, user_id: int, **where: Any) -> Any:
+        """``with storage.get_interactive_data(chat, user) as data:``: saved when the block ends."""
+        context = importlib.import_module("telebot.storage.base_storage").StateDataContext
+        return context(self, chat_id=chat_id, user_id=user_id, **where)
+
+
+class _AsyncTelebotStateStorage:
+    """TelebotStateStorage for AsyncTeleBot, over a JASON: ``AsyncTeleBot(token, state_storage=
+    jason.AsyncTelebotStateStorage(JASON("data/states")))``. The same records and answers."""
+
+    def __init__(self, db: JASON[Any]) -> None:
+        super().__init__()
+        self.db = _own_database(db, "AsyncTelebotStateStorage", _looks_like_telebot_state)
+
+    async def _edit(self, change: Callable[..., bool], chat_id: int | str, user_id: int | str, *args: Any,
+                    business_connection_id: str | None = None, message_thread_id: int | None = None,
+                    bot_id: int | None = None) -> bool:
+        record_id, entry = _telebot_place(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
+        async with self.db.edit_user_data(record_id) as record:
+            return change(record, entry, *args)
+
+    async def _entry(self, chat_id: int | str, user_id: int | str, business_connection_id: str | None = None,
+                     message_thread_id: int | None = None, bot_id: int | None = None) -> dict[str, Any]:
+        record_id, entry = _telebot_place(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
+        found: dict[str, Any] = (await self.db.load_user_data(record_id)).get(entry, {})
+        return found
+
+    async def set_state(self, chat_id: int, user_id: int, state: Any, **where: Any) -> bool:
+        return await self._edit(_telebot_set_state, chat_id, user_id, state, **where)
+
+    async def get_state(self, chat_id: int, user_id: int, **where: Any) -> str | None:
+        state: str | None = (await self._entry(chat_id, user_id, **where)).get("state")
+        return state
+
+    async def delete_state(self, chat_id: int, user_id: int, **where: Any) -> bool:
+        return await self._edit(_telebot_delete_state, chat_id, user_id, **where)
+
+    async def set_data(self, chat_id: int, user_id: int, key: str, value: Any, **where: Any) -> bool:
+        return await self._edit(_telebot_set_data, chat_id, user_id, key, value, **where)
+
+    async def get_data(self, chat_id: int, user_id: int, **where: Any) -> dict[str, Any]:
+        data: dict[str, Any] = (await self._entry(chat_id, user_id, **where)).get("data", {})
+        return data
+
+    async def reset_data(self, chat_id: int, user_id: int, **where: Any) -> bool:
+        return await self._edit(_telebot_reset_data, chat_id, user_id, **where)
+
+    async def save(self, chat_id: int, user_id: int, data: dict[str, Any], business_connection_id: str | None = None,
+                   message_thread_id: int | None = None, bot_id: int | None = None) -> bool:
+        return await self._edit(_telebot_save, chat_id, user_id, data, business_connection_id=business_connection_id,
+                                message_thread_id=message_thread_id, bot_id=bot_id)
+
+    def get_interactive_data(self, chat_id: int, user_id: int, **where: Any) -> Any:
+        """``async with storage.get_interactive_data(chat, user) as data:``: saved when the block ends."""
+        context = importlib.import_module("telebot.asyncio_storage.base_storage").StateDataContext
+        return context(self, chat_id=chat_id, user_id=user_id, **where)
+
+_TELEBOT_ENTRY: Final = re.compile(r"(bot -?[0-9]+ )?chat -?[0-9]+( .*)?", re.DOTALL)
+
+
+def _looks_like_telebot_state(key: str, data: dict[str, Any]) -> bool:
+    """A Telegram user's record of entries named as _telebot_place names them."""
+    return re.fullmatch(r"-?[0-9]+", key) is not None and all(_TELEBOT_ENTRY.fullmatch(name) for name in data)
+
+
 _ADAPTERS: Final = {
     "AiogramStorage": (_AiogramStorage, "aiogram.fsm.storage.base", "BaseStorage", "aiogram"),
     "AiogramIsolation": (_AiogramIsolation, "aiogram.fsm.storage.base", "BaseEventIsolation", "aiogram"),
     "PTBPersistence": (_PTBPersistence, "telegram.ext", "BasePersistence", "python-telegram-bot"),
+    "TelebotStateStorage": (_TelebotStateStorage, "telebot.storage.base_storage", "StateStorageBase",
+                            "pyTelegramBotAPI"),
+    "AsyncTelebotStateStorage": (_AsyncTelebotStateStorage, "telebot.asyncio_storage.base_storage",
+                                 "StateStorageBase", "pyTelegramBotAPI"),
 }
 _adapter_classes: dict[str, type] = {}
 
@@ -4112,8 +4298,8 @@ def _adapter_class(name: str) -> type:
 
 
 def __getattr__(name: str) -> Any:
-    """jason.AiogramStorage and jason.PTBPersistence, made on first use (PEP 562)."""
-    if name in ("AiogramStorage", "PTBPersistence"):
+    """The framework adapters (jason.AiogramStorage, ...), made on first use (PEP 562)."""
+    if name in ("AiogramStorage", "PTBPersistence", "TelebotStateStorage", "AsyncTelebotStateStorage"):
         return _adapter_class(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
