@@ -47,6 +47,7 @@ def installed(module: str) -> bool:
 
 HAVE_AIOGRAM = installed("aiogram")
 HAVE_PTB = installed("telegram")
+HAVE_TELEBOT = installed("telebot")
 NEEDS_AIOGRAM = unittest.skipUnless(HAVE_AIOGRAM, "aiogram is not importable: pip install -r examples/requirements.txt")
 NEEDS_PTB = unittest.skipUnless(HAVE_PTB, "python-telegram-bot missing: pip install -r examples/requirements.txt")
 BOT_TOKEN = "123456:TEST-TOKEN-OFFLINE"
@@ -717,6 +718,57 @@ class PTBKillTest(FormKillMixin, unittest.TestCase):
             await persistence.db.close()
 
 
+def telebot_message(update_id: int, user: int, text: str) -> Any:
+    from telebot import types
+
+    message: dict[str, Any] = {"message_id": update_id, "date": 0, "chat": {"id": user, "type": "private"},
+                               "from": {"id": user, "is_bot": False, "first_name": f"U{user}"}, "text": text}
+    if text.startswith("/"):
+        message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text)}]
+    return types.Update.de_json({"update_id": update_id, "message": message})
+
+
+@unittest.skipUnless(HAVE_TELEBOT, "pyTelegramBotAPI missing: pip install -r examples/requirements.txt")
+class TelebotFormTest(unittest.TestCase):
+    """examples/telebot_form_bot.py through TeleBot's own worker threads, stopped and started in the middle."""
+
+    USERS = 200
+
+    def test_every_user_finishes_the_form_across_a_restart_and_the_admin_report_reads_them(self) -> None:
+        import admin_report
+        import telebot_form_bot
+
+        replies: list[tuple[int, str]] = []
+        ids = itertools.count(1)
+        with tempfile.TemporaryDirectory() as folder, mock.patch.dict(os.environ, {
+                "JASON_FOLDER": os.path.join(folder, "users"), "JASON_STATES_FOLDER": os.path.join(folder, "states")}):
+            for steps in ([("/start",), ("Ann",)], [("not a number", "30")]):
+                bot, users, states = telebot_form_bot.build_bot(BOT_TOKEN)
+                bot.reply_to = lambda message, text, **_: replies.append((message.from_user.id, text))  # offline
+                try:
+                    for texts in steps:
+                        for text in texts:
+                            expected = len(replies) + self.USERS
+                            bot.process_new_updates([telebot_message(next(ids), user, text)
+                                                     for user in range(1, self.USERS + 1)])
+                            deadline = time.monotonic() + 60
+                            while len(replies) < expected:  # the worker threads answer in their own time
+                                self.assertLess(time.monotonic(), deadline, "the bot stopped answering")
+                                time.sleep(0.01)
+                    if steps[0] == ("/start",):  # stopped halfway: the report already reads the users
+                        self.assertEqual(admin_report.report(os.environ["JASON_FOLDER"]), "0 users gave their age")
+                finally:
+                    bot.worker_pool.close()
+                    users.close()
+                    states.close()
+            self.assertEqual(admin_report.report(os.environ["JASON_FOLDER"]),
+                             f"{self.USERS} users gave their age, 30.0 on average")
+        for user in range(1, self.USERS + 1):
+            self.assertEqual([text for to, text in replies if to == user],
+                             ["What is your name?", "How old are you?", "Please send your age as a number.",
+                              "Thanks, Ann!"])
+
+
 class ReadmeSnippetsTest(unittest.TestCase):
     def test_the_readme_snippets_are_the_examples_code(self) -> None:
         """docs/frameworks.md's snippets, and the README's open and close hooks, are the examples' code."""
@@ -728,12 +780,13 @@ class ReadmeSnippetsTest(unittest.TestCase):
             readme = file.read() + "\n## "  # the last section ends too
         for heading, examples in [
             ("## Use with your bot framework", ("aiogram_bot.py", "ptb_bot.py")),
-            ("## Your framework's own state", ("aiogram_form_bot.py", "ptb_conversation_bot.py")),
+            ("## Your framework's own state", ("aiogram_form_bot.py", "ptb_conversation_bot.py",
+                                               "telebot_form_bot.py")),
         ]:
             section = readme[readme.index(heading):]
             section = section[:section.index("\n## ", 1)]
             snippets = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
-            self.assertEqual(len(snippets), 2)
+            self.assertEqual(len(snippets), len(examples))
             for snippet, example in zip(snippets, examples):
                 with open(os.path.join(HERE, example), encoding="utf-8") as file:
                     code = file.read()
