@@ -3743,6 +3743,103 @@ def _aiogram_place(key: Any) -> tuple[int | str, str]:
     return key.user_id, entry
 
 
+class _Expiry:
+    """state_ttl and data_ttl of an adapter's entries, in seconds (None: never), as aiogram's RedisStorage has them.
+
+    Setting a state (or data) with a TTL stamps the entry with the time it
+    expires ("state_expires", "data_expires": Unix time, from clock). From
+    then on a read sees no state (or empty data); every edit of the user's
+    record drops what expired, in all its entries; and sweep() does that for
+    every record holding something expired, so that the entries of users who
+    never come back do not pile up, on a folder too, where nothing expires by
+    itself. The adapters start a sweep by themselves at most once per
+    SWEEP_SECONDS, in the background.
+    """
+
+    SWEEP_SECONDS: Final = 60.0
+
+    def __init__(self, state_ttl: float | None, data_ttl: float | None, clock: Callable[[], float]) -> None:
+        for name, ttl in (("state_ttl", state_ttl), ("data_ttl", data_ttl)):
+            if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
+                raise ValueError(f"{name} must be a positive number of seconds or None, not {ttl!r}")
+        self.ttl = {"state": state_ttl, "data": data_ttl}
+        self.clock = clock
+        self._last_sweep = clock()
+
+    @property
+    def on(self) -> bool:
+        return any(ttl is not None for ttl in self.ttl.values())
+
+    def stamp(self, entry: dict[str, Any], part: str) -> None:
+        """part ("state" or "data") of entry was just set: it expires a TTL from now, if it has one."""
+        ttl = self.ttl[part]
+        if ttl is None:
+            entry.pop(f"{part}_expires", None)
+        else:
+            entry[f"{part}_expires"] = self.clock() + ttl
+
+    def current(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """entry as a read sees it now: an expired state None, expired data empty."""
+        now = self.clock()
+        if entry.get("state_expires", now + 1) <= now:
+            entry = {**entry, "state": None}
+            entry.pop("state_expires")
+        if entry.get("data_expires", now + 1) <= now:
+            entry = {**entry, "data": {}}
+            entry.pop("data_expires")
+        return entry
+
+    def prune(self, record: dict[str, Any]) -> bool:
+        """Drop what expired from every entry of record, and entries left empty; True when anything went."""
+        changed = False
+        for name, entry in list(record.items()):
+            if not isinstance(entry, dict):
+                continue
+            now_entry = self.current(entry)
+            if now_entry is not entry:
+                changed = True
+                if now_entry.get("state") is None and not now_entry.get("data"):
+                    del record[name]
+                else:
+                    record[name] = now_entry
+        return changed
+
+    def sweep_due(self) -> bool:
+        """True at most once per SWEEP_SECONDS, when TTLs are on: time to start a sweep."""
+        if not self.on or self.clock() - self._last_sweep < self.SWEEP_SECONDS:
+            return False
+        self._last_sweep = self.clock()
+        return True
+
+    def expired_in(self, record: dict[str, Any]) -> bool:
+        return self.prune(_copy_json(record))
+
+
+def _sweep_in_background(sweeps: set[asyncio.Future[int]], sweep: Coroutine[Any, Any, int]) -> None:
+    """Run sweep as a task kept in sweeps until done; a failure is logged, and the next sweep tries again."""
+    task = asyncio.ensure_future(sweep)
+    sweeps.add(task)
+
+    def done(task: asyncio.Future[int]) -> None:
+        sweeps.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.warning("removing expired states failed: %r; the next sweep tries again", task.exception())
+
+    task.add_done_callback(done)
+
+
+async def _remove_expired(records: AsyncIterator[tuple[str, dict[str, Any]]],
+                          edit: Callable[[str], contextlib.AbstractAsyncContextManager[dict[str, Any]]],
+                          expiry: _Expiry) -> int:
+    """Edit every record holding something expired (each read again under its lock); how many changed."""
+    changed = 0
+    async for record_id, record in records:
+        if expiry.expired_in(record):
+            async with edit(record_id) as current:
+                changed += expiry.prune(current)
+    return changed
+
+
 _AIOGRAM_ENTRY: Final = re.compile(r"bot -?[0-9]+ chat -?[0-9]+( .*)?", re.DOTALL)
 
 
@@ -3764,15 +3861,27 @@ class _AiogramStorage:
     handlers may still run, and each of them holds an isolation lock.
     """
 
-    def __init__(self, db: JASON) -> None:
+    def __init__(self, db: JASON, state_ttl: float | None = None, data_ttl: float | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
         self.db = _own_database(db, "AiogramStorage", _looks_like_aiogram_state)
+        self._expiry = _Expiry(state_ttl, data_ttl, clock)  # clock: for tests, which cannot wait an hour
+        self._sweeps: set[asyncio.Future[int]] = set()
         self._locks_held: dict[asyncio.Task[Any] | None, int] = {}  # isolation locks held (or awaited), by task
         self._locks_released = _Busy()
 
     async def _entry(self, key: Any) -> dict[str, Any]:
         user, name = _aiogram_place(key)
+        self._sweep_if_due()
         record = await self.db.load_user_data(user)
-        return self._checked_entry(record, name, user)
+        return self._expiry.current(self._checked_entry(record, name, user))
+
+    def _sweep_if_due(self) -> None:
+        if self._expiry.sweep_due():
+            _sweep_in_background(self._sweeps, self.remove_expired())
+
+    async def remove_expired(self) -> int:
+        """Drop every expired state and data (see state_ttl): the number of records changed."""
+        return await _remove_expired(self.db.users(), self.db.edit_user_data, self._expiry)
 
     def _checked_entry(self, record: dict[str, Any], name: str, user: int | str) -> dict[str, Any]:
         entry = record.get(name, {"state": None, "data": {}})
@@ -3786,7 +3895,9 @@ class _AiogramStorage:
     async def _editing(self, key: Any) -> AsyncIterator[dict[str, Any]]:
         """The key's entry, stored when the block ends; removed when it holds nothing."""
         user, name = _aiogram_place(key)
+        self._sweep_if_due()
         async with self.db.edit_user_data(user) as record:
+            self._expiry.prune(record)
             entry = self._checked_entry(record, name, user)
             yield entry
             if entry["state"] is None and not entry["data"]:
@@ -3803,6 +3914,7 @@ class _AiogramStorage:
             raise TypeError(f"an FSM state must be a State, a str or None, not {type(state).__name__}")
         async with self._editing(key) as entry:
             entry["state"] = state
+            self._expiry.stamp(entry, "state")
 
     async def get_state(self, key: Any) -> str | None:
         state: str | None = (await self._entry(key))["state"]
@@ -3816,6 +3928,7 @@ class _AiogramStorage:
         plain = _check_storable(data, "FSM data")  # a value JSON cannot hold fails here, not later
         async with self._editing(key) as entry:
             entry["data"] = plain
+            self._expiry.stamp(entry, "data")
 
     async def get_data(self, key: Any) -> dict[str, Any]:
         data: dict[str, Any] = (await self._entry(key))["data"]
@@ -3829,12 +3942,17 @@ class _AiogramStorage:
         async with self._editing(key) as entry:
             entry["data"].update(data)
             entry["data"] = _check_storable(entry["data"], "FSM data")
+            self._expiry.stamp(entry, "data")
         return _copy_json(entry["data"])  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         """Close the JASON once every update under way (each holding an isolation lock) has finished."""
         current = asyncio.current_task()
         await self._locks_released.until(lambda: not any(task is not current for task in self._locks_held))
+        for sweep in list(self._sweeps):  # a sweep is done again later; the updates' own edits were waited for
+            sweep.cancel()
+            with contextlib.suppress(asyncio.CancelledError, JasonError):
+                await sweep
         await self.db.close()
 
     @contextlib.asynccontextmanager
@@ -4143,6 +4261,21 @@ def _telebot_save(record: dict[str, Any], entry: str, data: Any) -> bool:
     return True
 
 
+# The part of the entry each change sets, which starts its time to live again.
+_TELEBOT_SETS: Final = {_telebot_set_state: "state", _telebot_set_data: "data", _telebot_save: "data"}
+
+
+def _telebot_change(expiry: _Expiry, change: Callable[..., bool], record: dict[str, Any], entry: str,
+                    *args: Any) -> bool:
+    """change applied to record inside its edit, with what expired dropped first and the TTL stamped after."""
+    expiry.prune(record)
+    answer = change(record, entry, *args)
+    part = _TELEBOT_SETS.get(change)
+    if answer and part is not None and entry in record:
+        expiry.stamp(record[entry], part)
+    return answer
+
+
 class _TelebotStateStorage:
     """pyTelegramBotAPI's state storage for TeleBot over a SyncJASON: ``TeleBot(token, state_storage=
     jason.TelebotStateStorage(SyncJASON("data/states")))``.
@@ -4156,8 +4289,10 @@ class _TelebotStateStorage:
     RuntimeError).
     """
 
-    def __init__(self, db: SyncJASON[Any]) -> None:
+    def __init__(self, db: SyncJASON[Any], state_ttl: float | None = None, data_ttl: float | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
         super().__init__()
+        self._expiry = _Expiry(state_ttl, data_ttl, clock)  # clock: for tests, which cannot wait an hour
         if not isinstance(db, SyncJASON):
             raise TypeError(f"TelebotStateStorage needs a SyncJASON, not {type(db).__name__}; AsyncTeleBot takes "
                             "AsyncTelebotStateStorage(JASON(...))")
@@ -4171,14 +4306,35 @@ class _TelebotStateStorage:
               business_connection_id: str | None = None, message_thread_id: int | None = None,
               bot_id: int | None = None) -> bool:
         record_id, entry = _telebot_place(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
+        self._sweep_if_due()
         with self.db.edit_user_data(record_id) as record:
-            return change(record, entry, *args)
+            return _telebot_change(self._expiry, change, record, entry, *args)
 
     def _entry(self, chat_id: int | str, user_id: int | str, business_connection_id: str | None = None,
                message_thread_id: int | None = None, bot_id: int | None = None) -> dict[str, Any]:
         record_id, entry = _telebot_place(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
-        found: dict[str, Any] = self.db.load_user_data(record_id).get(entry, {})
-        return found
+        self._sweep_if_due()
+        found = self.db.load_user_data(record_id).get(entry)
+        return self._expiry.current(found) if isinstance(found, dict) else {}
+
+    def _sweep_if_due(self) -> None:
+        if self._expiry.sweep_due():
+            threading.Thread(target=self._sweep, name="jason-telebot-sweep", daemon=True).start()
+
+    def _sweep(self) -> None:
+        try:
+            self.remove_expired()
+        except Exception as exc:  # a thread of its own: logged, and the next sweep tries again
+            _log.warning("removing expired states failed: %r; the next sweep tries again", exc)
+
+    def remove_expired(self) -> int:
+        """Drop every expired state and data (see state_ttl): the number of records changed."""
+        changed = 0
+        for record_id, record in self.db.users():
+            if self._expiry.expired_in(record):
+                with self.db.edit_user_data(record_id) as current:
+                    changed += self._expiry.prune(current)
+        return changed
 
     def set_state(self, chat_id: int, user_id: int, state: Any, **where: Any) -> bool:
         return self._edit(_telebot_set_state, chat_id, user_id, state, **where)
@@ -4215,22 +4371,35 @@ class _AsyncTelebotStateStorage:
     """TelebotStateStorage for AsyncTeleBot, over a JASON: ``AsyncTeleBot(token, state_storage=
     jason.AsyncTelebotStateStorage(JASON("data/states")))``. The same records and answers."""
 
-    def __init__(self, db: JASON[Any]) -> None:
+    def __init__(self, db: JASON[Any], state_ttl: float | None = None, data_ttl: float | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         self.db = _own_database(db, "AsyncTelebotStateStorage", _looks_like_telebot_state)
+        self._expiry = _Expiry(state_ttl, data_ttl, clock)
+        self._sweeps: set[asyncio.Future[int]] = set()
 
     async def _edit(self, change: Callable[..., bool], chat_id: int | str, user_id: int | str, *args: Any,
                     business_connection_id: str | None = None, message_thread_id: int | None = None,
                     bot_id: int | None = None) -> bool:
         record_id, entry = _telebot_place(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
+        self._sweep_if_due()
         async with self.db.edit_user_data(record_id) as record:
-            return change(record, entry, *args)
+            return _telebot_change(self._expiry, change, record, entry, *args)
 
     async def _entry(self, chat_id: int | str, user_id: int | str, business_connection_id: str | None = None,
                      message_thread_id: int | None = None, bot_id: int | None = None) -> dict[str, Any]:
         record_id, entry = _telebot_place(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
-        found: dict[str, Any] = (await self.db.load_user_data(record_id)).get(entry, {})
-        return found
+        self._sweep_if_due()
+        found = (await self.db.load_user_data(record_id)).get(entry)
+        return self._expiry.current(found) if isinstance(found, dict) else {}
+
+    def _sweep_if_due(self) -> None:
+        if self._expiry.sweep_due():
+            _sweep_in_background(self._sweeps, self.remove_expired())
+
+    async def remove_expired(self) -> int:
+        """Drop every expired state and data (see state_ttl): the number of records changed."""
+        return await _remove_expired(self.db.users(), self.db.edit_user_data, self._expiry)
 
     async def set_state(self, chat_id: int, user_id: int, state: Any, **where: Any) -> bool:
         return await self._edit(_telebot_set_state, chat_id, user_id, state, **where)

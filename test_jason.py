@@ -2360,8 +2360,48 @@ class AdapterMixin(FolderMixin):
 
 @needs(HAVE_AIOGRAM, "aiogram, for jason.AiogramStorage (pip install -r examples/requirements.txt)")
 class AiogramStorageTest(AdapterMixin):
-    def storage(self) -> Any:
-        return jason.AiogramStorage(self.adapter_db())
+    def storage(self, **options: Any) -> Any:
+        return jason.AiogramStorage(self.adapter_db(), **options)
+
+    async def test_state_and_data_expire_after_their_ttl_and_leave_nothing_behind(self) -> None:
+        now = [1000.0]
+        storage = self.storage(state_ttl=10, data_ttl=20, clock=lambda: now[0])
+        await storage.set_state(self.key(5), "Form:age")
+        await storage.set_data(self.key(5), {"name": "Ann"})
+        await storage.set_state(self.key(6), "Form:name")
+        now[0] += 9
+        self.assertEqual((await storage.get_state(self.key(5)), await storage.get_data(self.key(5))),
+                         ("Form:age", {"name": "Ann"}))
+        now[0] += 2  # the state's 10 s are over, the data's 20 s are not
+        self.assertEqual((await storage.get_state(self.key(5)), await storage.get_data(self.key(5))),
+                         (None, {"name": "Ann"}))
+        await storage.update_data(self.key(5), {"age": 30})  # setting data starts its TTL again
+        now[0] += 15
+        self.assertEqual(await storage.get_data(self.key(5)), {"name": "Ann", "age": 30})
+        now[0] += 10
+        self.assertEqual(await storage.get_data(self.key(5)), {})
+        self.assertIn("bot 42 chat 6", await self.readonly_record("6"))  # expired, still stored
+        self.assertEqual(await storage.remove_expired(), 2)  # what users who never came back left
+        self.assertEqual((await self.readonly_record("5"), await self.readonly_record("6")), ({}, {}))
+        with self.assertRaisesRegex(ValueError, "state_ttl must be a positive number"):
+            self.storage(state_ttl=0)
+
+    async def test_expired_entries_are_swept_in_the_background_at_most_once_a_minute(self) -> None:
+        now = [1000.0]
+        storage = self.storage(state_ttl=5, clock=lambda: now[0])
+        for user in range(1, 4):
+            await storage.set_state(self.key(user), "Form:name")
+        now[0] += 30
+        await storage.get_state(self.key(9))  # no sweep yet: the last was under a minute ago
+        await asyncio.sleep(0.2)
+        self.assertEqual(await self.readonly_record("1"), {"bot 42 chat 1": {
+            "state": "Form:name", "data": {}, "state_expires": 1005.0}})
+        now[0] += 31
+        await storage.get_state(self.key(9))
+        deadline = time.monotonic() + CHILD_TIMEOUT
+        while [await self.readonly_record(str(user)) for user in range(1, 4)] != [{}, {}, {}]:
+            self.assertLess(time.monotonic(), deadline, "the sweep did not run")
+            await asyncio.sleep(0.01)
 
     @staticmethod
     def key(user: int = 7, chat: int | None = None, **parts: Any) -> Any:
@@ -2815,7 +2855,12 @@ else:
 class TelebotContract(_TelebotContractBase):
     """pyTelegramBotAPI's StateStorageBase contract, the same tests for TeleBot's storage and AsyncTeleBot's."""
 
+    storage: Any
+
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def make_storage(self, **options: Any) -> Any:
         raise NotImplementedError
 
     async def test_state_and_data_come_back_as_telebots_own_storage_gives_them(self) -> None:
@@ -2865,6 +2910,20 @@ class TelebotContract(_TelebotContractBase):
             await self.call("save", 1, 1, {"tags": {"a"}})
         self.assertEqual(await self.readonly_record("1"), {"chat 1": {"state": "S:a", "data": {"n": 1}}})
 
+    async def test_state_and_data_expire_after_their_ttl_and_leave_nothing_behind(self) -> None:
+        now = [1000.0]
+        self.storage = self.make_storage(state_ttl=10, data_ttl=20, clock=lambda: now[0])
+        await self.call("set_state", 1, 5, "S:a")
+        await self.call("set_data", 1, 5, "name", "Ann")
+        await self.call("set_state", 1, 6, "S:b")
+        now[0] += 11
+        self.assertEqual((await self.call("get_state", 1, 5), await self.call("get_data", 1, 5)),
+                         (None, {"name": "Ann"}))
+        now[0] += 10
+        self.assertEqual(await self.call("get_data", 1, 5), {})
+        self.assertEqual(await self.call("remove_expired"), 2)
+        self.assertEqual((await self.readonly_record("5"), await self.readonly_record("6")), ({}, {}))
+
     async def test_it_refuses_a_location_holding_users_records(self) -> None:
         await self.call("set_state", 1, 1, "S:a")
         with self.assertRaisesRegex(JasonError, "holds the state of .*TelebotStateStorage"):
@@ -2880,9 +2939,12 @@ class TelebotStateStorageTest(TelebotContract, AdapterMixin):
         await self.db.close()  # the folder's locks serve one loop: the SyncJASON's here
         self.sync = jason.SyncJASON(self.location, **self.options)  # type: ignore[arg-type]
         self.addCleanup(self.sync.close)
-        self.storage = jason.TelebotStateStorage(self.sync)
+        self.storage = self.make_storage()
         self.db = AsyncOverSync(jason.SyncJASON(self.location, **self.options))  # type: ignore[assignment,arg-type]
         self._opened.append(self.db)
+
+    def make_storage(self, **options: Any) -> Any:
+        return jason.TelebotStateStorage(self.sync, **options)
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.to_thread(getattr(self.storage, method), *args, **kwargs)
@@ -2949,7 +3011,10 @@ class AsyncTelebotStateStorageTest(TelebotContract, AdapterMixin):
 
     async def asyncSetUp(self) -> None:
         await super().asyncSetUp()
-        self.storage = jason.AsyncTelebotStateStorage(self.adapter_db())
+        self.storage = self.make_storage()
+
+    def make_storage(self, **options: Any) -> Any:
+        return jason.AsyncTelebotStateStorage(self.adapter_db(), **options)
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return await getattr(self.storage, method)(*args, **kwargs)
