@@ -3057,7 +3057,8 @@ class AdapterImportTest(unittest.TestCase):
     def test_importing_jason_imports_no_framework(self) -> None:
         probe = """
             import sys, jason
-            print(sorted(name for name in ("aiogram", "telegram", "asyncpg", "redis") if name in sys.modules))
+            print(sorted(name for name in ("aiogram", "telegram", "telebot", "asyncpg", "redis")
+                         if name in sys.modules))
         """
         self.assertEqual(run_child(probe).stdout.strip(), "[]")
 
@@ -3069,15 +3070,16 @@ class AdapterImportTest(unittest.TestCase):
             print(sorted(set(jason.__all__) - {"JASON", "SyncJASON", "JasonError", "InvalidUserIdError",
                                                "CorruptDataError", "DatabaseLockedError", "ReadOnlyError"}))
         """
-        missing = run_child(probe, missing=("aiogram", "telegram"))
+        missing = run_child(probe, missing=("aiogram", "telegram", "telebot"))
         self.assertEqual(missing.stdout.strip(), "[]", missing.stderr)  # and `import *` still works
-        if HAVE_AIOGRAM and HAVE_PTB:
-            self.assertEqual(run_child(probe).stdout.strip(), "['AiogramStorage', 'PTBPersistence']")
+        if HAVE_AIOGRAM and HAVE_PTB and HAVE_TELEBOT:
+            self.assertEqual(run_child(probe).stdout.strip(), "['AiogramStorage', 'AsyncTelebotStateStorage', "
+                                                              "'PTBPersistence', 'TelebotStateStorage']")
 
     def test_a_missing_framework_names_its_install_command(self) -> None:
         probe = """
             import jason
-            for name in ("AiogramStorage", "PTBPersistence"):
+            for name in ("AiogramStorage", "PTBPersistence", "TelebotStateStorage"):
                 try:
                     getattr(jason, name)
                 except ImportError as exc:
@@ -3087,13 +3089,14 @@ class AdapterImportTest(unittest.TestCase):
             except AttributeError as exc:
                 print(exc)
         """
-        lines = run_child(probe, missing=("aiogram", "telegram")).stdout.splitlines()
-        self.assertEqual(len(lines), 3, lines)
+        lines = run_child(probe, missing=("aiogram", "telegram", "telebot")).stdout.splitlines()
+        self.assertEqual(len(lines), 4, lines)
         self.assertIn('jason.AiogramStorage needs aiogram', lines[0])
         self.assertIn("pip install aiogram", lines[0])
         self.assertIn("pip install python-telegram-bot", lines[1])
+        self.assertIn("pip install pyTelegramBotAPI", lines[2])
         self.assertNotIn("jason-db", "".join(lines))  # on the package index, that name is the old release
-        self.assertIn("has no attribute 'NoSuchThing'", lines[2])
+        self.assertIn("has no attribute 'NoSuchThing'", lines[3])
 
 
 # ---------------------------------------------------------------- every user in one loop
