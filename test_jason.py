@@ -66,7 +66,7 @@ FULL = os.environ.get("JASON_FULL") == "1"
 # back, so that Ctrl-C stops that process too (and with it the servers it started).
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-CLI_USERS = 500 if QUICK else 10_000 if FULL else 2_000
+CLI_USERS = 300 if QUICK else 10_000 if FULL else 2_000  # 300: still more than one batch (RECORDS_PER_BATCH)
 OPTIONAL_PACKAGES_BLOCKED = sys.modules.get("orjson", "not imported") is None  # make test-stdlib
 _missing_here: list[str] = []
 
@@ -2358,6 +2358,7 @@ class AdapterMixin(FolderMixin):
             return await reader.load_user_data(record_id)
 
 
+@slow  # importing aiogram alone takes 4 s: make quick leaves it to make test
 @needs(HAVE_AIOGRAM, "aiogram, for jason.AiogramStorage (pip install -r examples/requirements.txt)")
 class AiogramStorageTest(AdapterMixin):
     def storage(self, **options: Any) -> Any:
@@ -2736,6 +2737,7 @@ class PTBPersistenceTest(AdapterMixin):
         self.assertNotEqual(os.stat(self.path("bot_data")).st_ino, written.st_ino)
 
 
+@slow  # it imports aiogram (see AiogramStorageTest)
 @needs(HAVE_AIOGRAM and HAVE_PTB, "aiogram and python-telegram-bot (pip install -r examples/requirements.txt)")
 class SharedLocationTest(AdapterMixin):
     """An adapter's state and users' records never share a location: each refuses the other's, both ways."""
@@ -3397,7 +3399,7 @@ def read_record_files(folder: str) -> dict[str, dict[str, Any]]:
 
 
 class MigrateCommandTest(unittest.TestCase):
-    """jason FOLDER migrate --migrations MODULE:NAME [--apply], on CLI_USERS users (2,000; 10,000 in CI; 500 quick)."""
+    """jason FOLDER migrate --migrations MODULE:NAME [--apply], on CLI_USERS users (2,000; 10,000 in CI; 300 quick)."""
 
     def setUp(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="jason-migrate-")
@@ -3654,7 +3656,7 @@ def on_the_blocking_api(*test_classes: type[FolderMixin]) -> None:
                 return db
 
             synced = type(f"Sync{variant.__name__}", (variant,), {"open_db": open_db, **left_out})
-            globals()[synced.__name__] = synced
+            globals()[synced.__name__] = slow(synced)  # make quick has SyncJASONTest
 
 
 on_the_blocking_api(LoadTest, SaveTest, EditTest, DeleteTest, UserIdsTest, UsersTest)
@@ -5054,11 +5056,13 @@ class CLITest(unittest.TestCase):
                 file.write(json.dumps({"user_id": user, "data": {"n": user}}) + "\n")
         folder = self.scratch()
         result = run_child(f"""
-            import errno, os, sys, jason
-            real_replace, calls = os.replace, []
-            def replace(source, target):
-                calls.append(target)
-                if len(calls) > 100:
+            import errno, os, sys, threading, jason
+            real_replace, calls, counting = os.replace, [], threading.Lock()
+            def replace(source, target):  # called from several writer threads at once
+                with counting:
+                    calls.append(target)
+                    full = len(calls) > 100
+                if full:
                     raise OSError(errno.ENOSPC, "No space left on device")
                 return real_replace(source, target)
             os.replace = replace
