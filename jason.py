@@ -1068,13 +1068,35 @@ def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) ->
                 future.set_exception(error)
 
 
+def _settle_on_their_loops(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    """From any thread: settle each future on its own loop (a loop closed meanwhile has no one to tell).
+
+    One asyncio.run() may end and another begin while a journal's job runs,
+    and a save of the new loop must not be settled on the closed one.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for future in futures:
+        by_loop.setdefault(future.get_loop(), []).append(future)
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, settled, error)
+
+
 class _Journal:
     """Everything the writer's journal does, in one place: commits, pending records, checkpoints, the end.
 
-    - commit(): a save (or delete) joins a queue. One job in the I/O pool
-      appends everything queued with one write and one fdatasync, then wakes
-      each saver on its own event loop; it takes whatever arrived meanwhile
-      next. A save returns once its entry is durable.
+    - queue(): a save (or delete) joins the queue and becomes pending at
+      once, so every later read sees it, and gets a number: its place in
+      the journal. One job in the I/O pool appends everything queued with
+      one write and one fdatasync, then wakes whoever waits in synced() for
+      a number up to the batch's last; it takes whatever arrived meanwhile
+      next. Entries become durable in journal order, so a write is never
+      durable without every write queued before it.
+    - unsynced() and synced(): JASON releases a user's lock once a write is
+      queued, and returns to its caller once it is durable; a read that saw
+      a write not yet durable returns once it is (see JASON._until_durable).
+      So an edit of one user need not wait for the sync of the one before,
+      and nothing a crash could undo is ever returned.
     - newer(): the records the journal holds that their files do not have
       yet (pending), which the folder store reads before the files.
     - checkpoints run in a thread of the journal's own, never in an event
@@ -1084,6 +1106,10 @@ class _Journal:
       renamed aside, the pending records are written to their files and
       synced, and the old journal is deleted. Every step is recorded here as
       it happens, so a checkpoint cut short is finished by the next one.
+    - a failed append or fdatasync breaks the journal: writes queued after
+      it may have read what failed, so they fail too, and so does a read of
+      a record that failed. Nothing more is checkpointed; the next open
+      replays what the journal made durable.
     - finish_sync() and delete_if_idle(): close() checkpoints until nothing
       is pending, then deletes the empty journal, unless an instance opened
       meanwhile, which goes on using it.
@@ -1093,7 +1119,7 @@ class _Journal:
         self.folder = folder
         self.checkpointing_path, self.path = _journal_paths(folder)
         self._folder_sync = folder_sync
-        self._append_lock = threading.Lock()  # one append at a time; a failed one is cut off before the next
+        self._append_lock = threading.Lock()  # one append at a time
         self._broken: str | None = None
         self._file = _JournalFile(self.path)
         self._old: _JournalFile | None = None  # renamed aside by a checkpoint, not yet deleted
@@ -1101,7 +1127,13 @@ class _Journal:
         self._pending: dict[str, _Newer] = {}
         self._pending_lock = threading.Lock()
         # Under _registry_lock, where close() checks that nothing is queued before it deletes the journal.
-        self._queue: list[tuple[str, bytes | None, asyncio.Future[None]]] = []
+        # Read without it by unsynced(), in the event loop: one dict lookup and one int, each atomic.
+        self._queue: list[tuple[str, bytes | None, int]] = []
+        self._queued = 0  # the number of the last write queued
+        self._synced = 0  # every write up to this number is durable
+        self._unsynced: dict[str, int] = {}  # key -> the number of its last write, until that one is durable
+        self._waiters: list[tuple[int, bool, asyncio.Future[None]]] = []  # (write, read, its future)
+        self._failed: tuple[int, int, BaseException] | None = None  # the first batch that failed, and why
         self._commit_job: concurrent.futures.Future[None] | None = None
         self._checkpoint_lock = threading.Lock()  # one checkpoint at a time: the thread's, or close()'s
         self._due = threading.Condition()
@@ -1111,62 +1143,93 @@ class _Journal:
 
     # ---- commits
 
-    async def commit(self, check: Callable[[], None], key: str, data: bytes | None) -> None:
-        """Journal a save (data None: a delete) if check() passes; return once it is durable."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def queue(self, check: Callable[[], None], key: str, data: bytes | None) -> int:
+        """Journal a save (data None: a delete) if check() passes; every read from now on sees it.
+
+        Returns its number: the write is durable once synced(number) returns.
+        """
         with _registry_lock:  # as a write's registration: refused here, or committed before close() ends
             check()
-            self._queue.append((key, data, done))
+            if self._broken is not None:
+                raise self._broken_error()
+            self._queued += 1
+            self._queue.append((key, data, self._queued))
+            self._unsynced[key] = self._queued
+            with self._pending_lock:
+                self._pending[key] = (data,)
             if self._commit_job is None:
                 self._commit_job = _io_executor().submit(self._commit_batches)
+            return self._queued
+
+    def unsynced(self, key: str | None) -> int | None:
+        """The number of key's last write (None: of any key's) while it is not durable yet; else None."""
+        write = self._queued if key is None else self._unsynced.get(key, 0)
+        return write if write > self._synced else None
+
+    async def synced(self, write: int, read: bool) -> None:
+        """Return once write (a number from queue()) is durable; raise its error if it failed.
+
+        read: the caller read the write rather than made it, so a failure is
+        the journal's, not the caller's.
+        """
+        if write <= self._synced:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with _registry_lock:
+            if write <= self._synced:
+                return
+            if self._failed is not None:  # in the batch that failed, or after it: never durable
+                first, last, error = self._failed
+                raise error if first <= write <= last and not read else self._broken_error()
+            self._waiters.append((write, read, done))
         try:
             await asyncio.shield(done)
         except asyncio.CancelledError:
-            # The save may still land: its outcome comes first, so the user's next operation comes after it.
-            while not done.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(done)
-            if not done.cancelled():
-                done.exception()  # retrieved here, so asyncio does not log it as lost
+            # The write goes on and every read sees it; nobody waits for its outcome any more.
+            done.add_done_callback(lambda future: future.cancelled() or future.exception())
             raise
 
+    def _broken_error(self) -> JasonError:
+        return JasonError(f"the journal of {self.folder} failed earlier ({self._broken}); nothing more is saved. "
+                          "Close this JASON and open the folder again: opening replays the journal")
+
     def _commit_batches(self) -> None:
-        """In the I/O pool: append what is queued, sync, tell the savers; again until nothing is queued."""
+        """In the I/O pool: append what is queued, sync, tell the waiters; again until nothing is queued."""
         while True:
             with _registry_lock:
                 batch, self._queue = self._queue, []
                 if not batch:
                     self._commit_job = None
                     return
-            entries = [(key, (data,)) for key, data, _ in batch]
             error: BaseException | None = None
             try:
-                self._append(b"".join(_journal_entry(key, newer[0]) for key, newer in entries), entries)
+                self._append(b"".join(_journal_entry(key, data) for key, data, _ in batch))
             except BaseException as exc:
                 error = exc
-            # Each saver is told on its own loop: one asyncio.run() may end and another begin while a
-            # job runs, and a save of the new loop must not be settled on the closed one.
-            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-            for _, _, done in batch:
-                by_loop.setdefault(done.get_loop(), []).append(done)
-            for loop, futures in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # a loop closed meanwhile has no one to tell
-                    loop.call_soon_threadsafe(_settle, futures, error)
+            last = batch[-1][2]
+            with _registry_lock:
+                if error is None:
+                    self._synced = last
+                    for key, _, write in batch:
+                        if self._unsynced.get(key) == write:
+                            del self._unsynced[key]
+                elif self._failed is None:
+                    self._failed = (batch[0][2], last, error)
+                told = [(read, done) for write, read, done in self._waiters if write <= last]
+                self._waiters = [waiter for waiter in self._waiters if waiter[0] > last]
+            _settle_on_their_loops([done for read, done in told if not read], error)
+            _settle_on_their_loops([done for read, done in told if read], error and self._broken_error())
 
-    def _append(self, data: bytes, entries: list[tuple[str, _Newer]]) -> None:
-        """Append data, make it durable, then make its entries pending; OSError (and nothing appended) otherwise."""
+    def _append(self, data: bytes) -> None:
+        """Append data and make it durable; on any failure the journal is broken (see the class)."""
         with self._append_lock:
             if self._broken is not None:
-                raise JasonError(f"the journal of {self.folder} failed earlier ({self._broken}); nothing more is "
-                                 "saved. Close this JASON and open the folder again: opening replays the journal")
+                raise self._broken_error()
             journal = self._file
             try:
                 _write_at_sync(journal.fd, data, journal.size)
-            except BaseException as exc:
-                try:  # zeros end the journal there, as before the append: the next entry goes in its place
-                    _write_at_sync(journal.fd, bytes(len(data)), journal.size)
-                except OSError:
-                    self._broken = f"an append failed ({exc}) and could not be undone"
+            except BaseException as exc:  # a torn tail ends the journal there when it is replayed
+                self._broken = f"an append failed: {exc}"
                 raise
             journal.size += len(data)
             journal.holds_entries = True
@@ -1174,8 +1237,6 @@ class _Journal:
                 journal.appending += 1
         try:
             journal.sync.sync_after_change()
-            with self._pending_lock:
-                self._pending.update(entries)
         except OSError as exc:
             # After a failed fdatasync the kernel may have dropped the pages: a later one succeeding
             # would prove nothing about this entry, so no save may be reported durable any more.
@@ -1226,6 +1287,8 @@ class _Journal:
         """Write every pending record to its file, durably, then delete the journal that held them."""
         with self._checkpoint_lock:
             if self._closed or not (self._old is not None or self._pending or self._file.holds_entries):
+                return
+            if self._broken is not None:  # what is pending may have failed: the next open replays the journal
                 return
             if self._old is None:  # else a checkpoint cut short set one aside: finish it first
                 self._rotate()
@@ -1284,6 +1347,8 @@ class _Journal:
             if job is None:
                 break
             concurrent.futures.wait([job])
+        if self._broken is not None:
+            raise self._broken_error()
         self.checkpoint_sync()
 
     def delete_if_idle(self) -> bool:
@@ -1640,6 +1705,7 @@ class _Records(Protocol):
     bound to the edit's transaction (PostgreSQL) or lock token (Redis)."""
 
     async def read(self, key: str) -> bytes | None: ...
+    # Returns once every later read sees data; durable then, except through a journal (see unsynced).
     async def write(self, key: str, data: bytes, operation: str) -> None: ...
     async def quarantine(self, key: str, operation: str) -> str: ...  # move a corrupt record aside; where to
 
@@ -1660,6 +1726,11 @@ class _Store(_Records, Protocol):
     def where(self, key: str) -> str: ...  # where one record is, for messages
     async def write_many(self, records: Sequence[tuple[str, bytes]], operation: str) -> None: ...  # each atomic
     async def delete(self, key: str, operation: str) -> bool: ...  # True when there was a record
+    # A journal's writes are seen before they are durable: the number of key's last write (None: any
+    # key's) while it is not durable yet, else None; synced(number, read) returns once it is, or raises
+    # (read: the caller only read it, so a failure is not its own but the store's).
+    def unsynced(self, key: str | None) -> int | None: ...
+    async def synced(self, write: int, read: bool) -> None: ...
     async def exists(self, key: str) -> bool: ...
     async def keys(self) -> list[str]: ...  # every stored key, sorted
     # Several records read together (one thread hop, one round trip): each the bytes, None, or why it is unreadable.
@@ -1887,11 +1958,11 @@ class _SharedFolder:
         False when writes came in meanwhile and it must run again; True when
         done, or when an instance opened meanwhile and goes on with it all.
         """
-        failure: OSError | None = None
+        failure: OSError | JasonError | None = None
         if self.journal is not None:
             try:
                 self.journal.finish_sync()
-            except OSError as exc:  # the journal stays, and the next open replays it
+            except (OSError, JasonError) as exc:  # the journal stays, and the next open replays it
                 failure = exc
         with _registry_lock:
             if self.stores:
@@ -2058,9 +2129,16 @@ class _FolderStore:
     async def sizes(self) -> tuple[dict[str, int], int | None]:
         return await _in_thread(_folder_sizes_sync, self.folder)
 
+    def unsynced(self, key: str | None) -> int | None:
+        return None if self._journal is None else self._journal.unsynced(key)
+
+    async def synced(self, write: int, read: bool) -> None:
+        assert self._journal is not None  # only a journal's writes are seen before they are durable
+        await self._journal.synced(write, read)
+
     async def write(self, key: str, data: bytes, operation: str) -> None:
         if self._journal is not None:
-            await self._journal.commit(functools.partial(self.check_writable, operation), key, data)
+            self._journal.queue(functools.partial(self.check_writable, operation), key, data)
             return
         await self._write_in_thread(
             operation, _write_atomic_sync, self.folder, _file_name(key), data, self.durable, self._folder_sync
@@ -2068,7 +2146,8 @@ class _FolderStore:
 
     async def write_many(self, records: Sequence[tuple[str, bytes]], operation: str) -> None:
         if self._journal is not None:  # one group commit takes them all
-            await asyncio.gather(*(self.write(key, data, operation) for key, data in records))
+            for key, data in records:
+                self._journal.queue(functools.partial(self.check_writable, operation), key, data)
             return
         # A rename costs most of a write here, and renames in several threads overlap (on ext4, 16
         # threads took a third of one thread's time): so a batch is written in a few threads' shares.
@@ -2084,7 +2163,7 @@ class _FolderStore:
             if not await self.exists(key):
                 self.check_writable(operation)
                 return False
-            await self._journal.commit(functools.partial(self.check_writable, operation), key, None)
+            self._journal.queue(functools.partial(self.check_writable, operation), key, None)
             return True
         return await self._write_in_thread(operation, _delete_sync, self.folder, _file_name(key), self.durable)
 
@@ -2261,6 +2340,12 @@ class _ServerStore:
 
     def where(self, key: str) -> str:
         return f"{self.location} user {key!r}"
+
+    def unsynced(self, key: str | None) -> int | None:
+        return None  # a server's write is durable when it returns
+
+    async def synced(self, write: int, read: bool) -> None:
+        raise AssertionError("a server's writes are durable when they return")
 
     def admit(self) -> contextlib.AbstractAsyncContextManager[None]:
         return _NO_WAIT  # Redis: a connection is held only for one command, never across user code
@@ -3033,7 +3118,10 @@ class JASON(Generic[Record]):
         key = self._key(user_id)
         if not self._owner_checked:  # a cached load takes ~3 µs: it spares itself the coroutine
             await self._ready()
-        return cast("Record", self._or_defaults(await self._read(key)))
+        data = self._or_defaults(await self._read(key))
+        if (seen := self._store.unsynced(key)) is not None:
+            await self._store.synced(seen, read=True)  # see _until_durable
+        return cast("Record", data)
 
     async def save_user_data(self, user_id: int | str, data: Record) -> None:
         """Store data as the user's whole record, atomically (durably, unless durable=False).
@@ -3051,7 +3139,8 @@ class JASON(Generic[Record]):
             raise TypeError(f"data must be a dict, not {type(data).__name__}")
         compact, stored = self._encode(data)
         async with self._hold(key, "save_user_data"):
-            await self._write_locked(key, compact, stored, "save_user_data", self._store)
+            written = await self._write_locked(key, compact, stored, "save_user_data", self._store)
+        await self._until_durable(written)
 
     @contextlib.asynccontextmanager
     async def edit_user_data(self, user_id: int | str) -> AsyncIterator[Record]:
@@ -3066,11 +3155,19 @@ class JASON(Generic[Record]):
         key = self._key(user_id)
         self._store.check_writable("edit_user_data")
         await self._ready()
-        async with self._hold(key, "edit_user_data"), self._store.transaction(key) as records:
-            data = self._or_defaults(await self._read(key, records))
-            yield cast("Record", data)
-            compact, stored = self._encode(data)
-            await self._write_locked(key, compact, stored, "edit_user_data", records)
+        seen: int | None = None  # the write this edit read or made, while it is not durable yet
+        try:
+            async with self._hold(key, "edit_user_data"), self._store.transaction(key) as records:
+                data = self._or_defaults(await self._read(key, records))
+                seen = self._store.unsynced(key)
+                yield cast("Record", data)
+                compact, stored = self._encode(data)
+                seen = await self._write_locked(key, compact, stored, "edit_user_data", records)
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit):  # closed unfinished, it may not await
+                await self._until_durable(seen, read=True)  # what it read; it wrote nothing
+            raise
+        await self._until_durable(seen)
 
     async def delete_user_data(self, user_id: int | str) -> bool:
         """Delete the user's record; True when there was one."""
@@ -3083,7 +3180,9 @@ class JASON(Generic[Record]):
             finally:
                 self._forget(key)
             self._cache.put(key, None)
-            return existed
+            written = self._store.unsynced(key)
+        await self._until_durable(written)
+        return existed
 
     async def user_exists(self, user_id: int | str) -> bool:
         """True when the user has a stored record."""
@@ -3091,15 +3190,18 @@ class JASON(Generic[Record]):
         if not self._owner_checked:
             await self._ready()
         cached = self._cache.get(key)
-        if cached is not _NOT_CACHED:
-            return cached is not None
-        return await self._store.exists(key)
+        exists = cached is not None if cached is not _NOT_CACHED else await self._store.exists(key)
+        if (seen := self._store.unsynced(key)) is not None:
+            await self._store.synced(seen, read=True)  # see _until_durable
+        return exists
 
     async def user_ids(self) -> list[str]:
         """Every stored user's id as a str, sorted; never a temp, lock or stray file."""
         self._enter()
         await self._ready()
-        return await self._store.keys()
+        keys = await self._store.keys()
+        await self._until_durable(self._store.unsynced(None), read=True)
+        return keys
 
     async def users(self, concurrency: int = USERS_CONCURRENCY, *,
                     skipped: list[tuple[str, JasonError]] | None = None) -> AsyncIterator[tuple[str, Record]]:
@@ -3129,6 +3231,7 @@ class JASON(Generic[Record]):
             batch = keys[start:start + concurrency]
             results = await asyncio.gather(*(self._read(key, visiting=True) for key in batch),
                                            return_exceptions=True)
+            await self._until_durable(self._last_unsynced(batch), read=True)
             for key, data in zip(batch, results):
                 if isinstance(data, JasonError) and skipped is not None:
                     skipped.append((key, data))
@@ -3155,7 +3258,9 @@ class JASON(Generic[Record]):
         keys = [self._key(user_id) for user_id in user_ids]
         await self._ready()
         found: list[dict[str, Any] | CorruptDataError | None] = []
-        for key, raw in zip(keys, await self._store.read_many(keys)):
+        stored = await self._store.read_many(keys)
+        await self._until_durable(self._last_unsynced(keys), read=True)
+        for key, raw in zip(keys, stored):
             if isinstance(raw, bytes):
                 try:
                     found.append(_parse_record(raw, self._where(key)))
@@ -3178,7 +3283,8 @@ class JASON(Generic[Record]):
             raise TypeError(f"data must be a dict, not {type(data).__name__}")
         compact, stored = _encode_record(data, self._pretty)
         async with self._hold(key, operation):
-            await self._write_locked(key, compact, stored, operation, self._store)
+            written = await self._write_locked(key, compact, stored, operation, self._store)
+        await self._until_durable(written)
 
     async def save_stored_many(self, records: Sequence[tuple[int | str, Mapping[str, Any]]], *,
                                operation: str = "save_stored") -> None:
@@ -3213,6 +3319,8 @@ class JASON(Generic[Record]):
                     self._forget(key)
             for key, (compact, _) in encoded.items():
                 self._cache.put(key, compact)
+            written = self._last_unsynced(list(encoded))
+        await self._until_durable(written)
 
     async def check(self, *, fix_temp: bool = False) -> tuple[int, list[tuple[str, str, str]]]:
         """Read every record: (how many are sound, a (kind, where, detail) for everything else).
@@ -3472,7 +3580,8 @@ class JASON(Generic[Record]):
         return _loads(self._default_bytes) if data is None else data
 
     async def _write_locked(self, key: str, compact: bytes, stored: bytes, operation: str,
-                            records: _Records) -> None:
+                            records: _Records) -> int | None:
+        """Write under the user's lock; the write's number while it is not durable yet (see _until_durable)."""
         try:
             await records.write(key, stored, operation)
         finally:
@@ -3480,6 +3589,29 @@ class JASON(Generic[Record]):
             # write failed, when the store may hold the old or the new record.
             self._forget(key)
         self._cache.put(key, compact)
+        return self._store.unsynced(key)
+
+    # Through a journal, a write is seen by every later read as soon as it is
+    # queued, so the user's lock is released then and the next edit of the
+    # user need not wait for this one's sync: a storm of edits of one user
+    # shares group commits. What a crash could undo must still never reach the
+    # caller: a write returns only once it is durable, and so does a read (a
+    # load, an edit, a listing) that saw a write not durable yet. The journal
+    # makes entries durable in order, so an edit's own write covers what it
+    # read. Elsewhere a write is durable when it returns and this costs nothing.
+
+    async def _until_durable(self, write: int | None, read: bool = False) -> None:
+        """Return once write (a number the store's unsynced() gave, or None) is durable.
+
+        read: the caller only read that write, so if it failed, the caller
+        gets the store's JasonError, not the write's own error.
+        """
+        if write is not None:
+            await self._store.synced(write, read)
+
+    def _last_unsynced(self, keys: Sequence[str]) -> int | None:
+        """The last write of any of keys that is not durable yet, or None."""
+        return max((write for key in keys if (write := self._store.unsynced(key)) is not None), default=None)
 
     def _forget(self, key: str) -> None:
         self._cache.drop(key)
