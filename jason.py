@@ -1189,6 +1189,11 @@ class _Journal:
             done.add_done_callback(lambda future: future.cancelled() or future.exception())
             raise
 
+    @property
+    def broken(self) -> str | None:
+        """Why the journal failed, or None: see the class."""
+        return self._broken
+
     def _broken_error(self) -> JasonError:
         return JasonError(f"the journal of {self.folder} failed earlier ({self._broken}); nothing more is saved. "
                           "Close this JASON and open the folder again: opening replays the journal")
@@ -1347,8 +1352,10 @@ class _Journal:
             if job is None:
                 break
             concurrent.futures.wait([job])
-        if self._broken is not None:
-            raise self._broken_error()
+        if self._broken is not None:  # each write it failed has raised already; the next open replays it
+            _log.warning("the journal of %s failed earlier (%s); it stays in the folder, and the next open "
+                         "replays what it made durable", self.folder, self._broken)
+            return
         self.checkpoint_sync()
 
     def delete_if_idle(self) -> bool:
@@ -1958,11 +1965,11 @@ class _SharedFolder:
         False when writes came in meanwhile and it must run again; True when
         done, or when an instance opened meanwhile and goes on with it all.
         """
-        failure: OSError | JasonError | None = None
+        failure: OSError | None = None
         if self.journal is not None:
             try:
                 self.journal.finish_sync()
-            except (OSError, JasonError) as exc:  # the journal stays, and the next open replays it
+            except OSError as exc:  # the journal stays, and the next open replays it
                 failure = exc
         with _registry_lock:
             if self.stores:
@@ -1970,7 +1977,7 @@ class _SharedFolder:
             if self.writes:
                 return False
             if self.journal is not None:
-                if failure is not None:
+                if failure is not None or self.journal.broken is not None:
                     self.journal.abandon()
                 elif not self.journal.delete_if_idle():
                     return False  # saves came in while the last checkpoint ran
