@@ -2169,7 +2169,7 @@ class JournalTest(FolderMixin):
             await self.db.load_user_data(1)
         with self.assertRaisesRegex(JasonError, "failed earlier .*fdatasync failed.* open the folder again"):
             await self.db.save_user_data(2, {"v": 3})
-        with self.assertLogs("jason", "WARNING") as logged:
+        with self.assertLogs("jason", "WARNING"):
             await self.db.close()
         reopened = self.open_db(journal=True)
         # The failed ones may have reached the disk (unknown, as documented), but only in journal order.
