@@ -309,32 +309,44 @@ def _storable_value(value: object, depth: int) -> object:
     if isinstance(value, dict):
         if depth >= MAX_DEPTH:
             raise _Unstorable(ValueError, f"nested deeper than {MAX_DEPTH} levels")
-        pairs = []
-        unchanged = cls is dict
-        for key, item in dict.items(value):
-            plain_key = _checked_key(key)
-            try:
-                plain_item = _storable_value(item, depth + 1)
-            except _Unstorable as exc:
-                exc.path.append(f"[{plain_key!r}]")
-                raise
-            unchanged = unchanged and plain_key is key and plain_item is item
-            pairs.append((plain_key, plain_item))
-        return value if unchanged else dict(pairs)
+        pairs: list[tuple[str, object]] | None = None if cls is dict else []  # made once something changes
+        for index, (key, item) in enumerate(dict.items(value)):
+            plain_key = key if type(key) is str and key.isascii() else _checked_key(key)
+            kind = type(item)  # the common plain values inline: a call each costs most of a save's check
+            if ((kind is str and item.isascii()) or kind is bool or item is None
+                    or (kind is int and MIN_INT <= item <= MAX_INT) or (kind is float and math.isfinite(item))):
+                plain_item = item
+            else:
+                try:
+                    plain_item = _storable_value(item, depth + 1)
+                except _Unstorable as exc:
+                    exc.path.append(f"[{plain_key!r}]")
+                    raise
+            if pairs is None and (plain_key is not key or plain_item is not item):
+                pairs = list(dict.items(value))[:index]  # the ones before it, unchanged
+            if pairs is not None:
+                pairs.append((plain_key, plain_item))
+        return value if pairs is None else dict(pairs)
     if isinstance(value, list):
         if depth >= MAX_DEPTH:
             raise _Unstorable(ValueError, f"nested deeper than {MAX_DEPTH} levels")
-        items = []
-        unchanged = cls is list
+        items: list[object] | None = None if cls is list else []  # as pairs above
         for index, item in enumerate(list.__iter__(value)):
-            try:
-                plain_item = _storable_value(item, depth + 1)
-            except _Unstorable as exc:
-                exc.path.append(f"[{index}]")
-                raise
-            unchanged = unchanged and plain_item is item
-            items.append(plain_item)
-        return value if unchanged else items
+            kind = type(item)  # as in a dict, above
+            if ((kind is str and item.isascii()) or kind is bool or item is None
+                    or (kind is int and MIN_INT <= item <= MAX_INT) or (kind is float and math.isfinite(item))):
+                plain_item = item
+            else:
+                try:
+                    plain_item = _storable_value(item, depth + 1)
+                except _Unstorable as exc:
+                    exc.path.append(f"[{index}]")
+                    raise
+            if items is None and plain_item is not item:
+                items = list(list.__iter__(value))[:index]
+            if items is not None:
+                items.append(plain_item)
+        return value if items is None else items
     if isinstance(value, str):
         text = str.__str__(value)
         _check_text(text)
