@@ -2014,7 +2014,8 @@ _registry_lock = threading.Lock()
 class _FolderStore:
     """Records as JSON files in one folder, written atomically; one writer process at a time."""
 
-    def __init__(self, folder: str | os.PathLike[str], *, durable: bool, readonly: bool, journal: bool) -> None:
+    def __init__(self, folder: str | os.PathLike[str], *, durable: bool, readonly: bool,
+                 journal: bool | None) -> None:
         if journal and not durable:
             raise ValueError("journal=True makes durable saves cheaper; with durable=False there is nothing to journal")
         self.folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
@@ -2044,7 +2045,9 @@ class _FolderStore:
             self._folder_sync = self._shared.folder_sync
             self._newer = self._journal = self._shared.journal
 
-    def _attach_shared_folder(self, journal: bool) -> _SharedFolder:
+    def _attach_shared_folder(self, journal: bool | None) -> _SharedFolder:
+        """The folder's shared state, made by the first writer here: with a journal if journal (None:
+        if durable). A later instance joins it, and journal=None joins either mode."""
         real_folder = os.path.realpath(self.folder)
         with _registry_lock:  # two threads opening one folder must share one lock, not race for it
             shared = _shared_folders.get(real_folder)
@@ -2053,14 +2056,14 @@ class _FolderStore:
                 try:
                     # Whatever the mode: a journal left by a writer that died holds saves it returned.
                     _replay_journals_sync(real_folder)
-                    shared = _SharedFolder(real_folder, lock_fd, journal)
+                    shared = _SharedFolder(real_folder, lock_fd, self.durable if journal is None else journal)
                 except BaseException:
                     os.close(lock_fd)
                     raise
                 _shared_folders[real_folder] = shared
-            elif (shared.journal is not None) != journal:
+            elif journal is not None and (shared.journal is not None) != journal:
                 raise ValueError(f"{self.folder} is open in this process with journal={not journal}; every JASON "
-                                 "of one folder must use the same")
+                                 "of one folder must use the same (leave journal unset to join either)")
             shared.stores.add(self)
         return shared
 
@@ -2137,6 +2140,7 @@ class _FolderStore:
     async def check(self, fix_temp: bool) -> tuple[int, list[tuple[str, str, str]]]:
         if fix_temp:
             self.check_writable("check with fix_temp")  # the writer lock: no save of this folder uses a temp file
+        await self._checkpoint()
         sound, problems = await _in_thread(_classify_entries_sync, self.folder)
         if fix_temp:
             for at, (kind, path, _) in enumerate(problems):
@@ -2146,7 +2150,13 @@ class _FolderStore:
         return sound, problems
 
     async def sizes(self) -> tuple[dict[str, int], int | None]:
+        await self._checkpoint()
         return await _in_thread(_folder_sizes_sync, self.folder)
+
+    async def _checkpoint(self) -> None:
+        """Bring every record's file up to date with this process's journal: what check and sizes look at."""
+        if self._journal is not None:
+            await _in_thread(self._journal.checkpoint_sync)
 
     def unsynced(self, key: str | None) -> int | None:
         return None if self._journal is None else self._journal.unsynced(key)
@@ -2979,7 +2989,7 @@ def _refuse_unknown_url(location: object) -> None:
 
 
 def _open_store(location: str | os.PathLike[str], *, namespace: str, durable: bool, readonly: bool,
-                journal: bool = False) -> _Store:
+                journal: bool | None = None) -> _Store:
     """The store for a folder path or a server URL."""
     kind = _server_kind(location)
     _refuse_unknown_url(location)
@@ -3023,7 +3033,7 @@ class JASON(Generic[Record]):
         on_corrupt: Literal["raise", "quarantine"] = "raise",
         namespace: str = DEFAULT_NAMESPACE,
         migrations: Sequence[Callable[[dict[str, Any]], dict[str, Any] | None]] = (),
-        journal: bool = False,
+        journal: bool | None = None,
     ) -> None:
         """Open (and, unless readonly, create) the location db_folder: a folder path, or a server URL.
 
@@ -3042,12 +3052,16 @@ class JASON(Generic[Record]):
         starts the user from the default structure; a readonly instance still
         raises, since it never writes.
 
-        journal=True (a folder, durable) makes a durable save one append to
-        the folder's journal, synced together with every save made at the
-        same time, instead of a file of its own with two fsyncs; each record's
-        file catches up within about JOURNAL_CHECKPOINT_SECONDS, close()
-        leaves every file current and no journal, and opening the folder
-        after a crash replays the journal first. See the README.
+        journal: a durable folder keeps a journal (unless journal=False): a
+        save is one append to the folder's journal, synced together with
+        every save made at the same time, instead of a file of its own with
+        two fsyncs. Each record's file catches up within about
+        JOURNAL_CHECKPOINT_SECONDS, every reader (JASON, the command line)
+        sees the latest save at once, close() leaves every file current and
+        no journal, and opening the folder after a crash replays the journal
+        first. journal=False writes each record's file at each save. Every
+        writing JASON of one folder in a process shares the mode of the
+        first; journal=None (the default) joins either. See the README.
 
         migrations brings old records up to date: migrations[n] takes a
         record of version n (a dict, without its version) and returns it at
@@ -4719,7 +4733,11 @@ async def _opened(location: str, *, write: bool = False, create: bool = False, d
             raise _CommandError(f"no JASON folder at {location}")
         namespace = DEFAULT_NAMESPACE  # a folder is its own namespace
     try:
-        db: JASON = JASON(location, readonly=not write, durable=durable, namespace=namespace, migrations=migrations)
+        # journal=False: a command writes each record's file as it goes, so that a failure is reported at
+        # the record it hit (and a folder's journal, had a writer left one, is replayed on opening anyway).
+        journal = False if _server_kind(location) is None and write else None
+        db: JASON = JASON(location, readonly=not write, durable=durable, namespace=namespace, migrations=migrations,
+                          journal=journal)
     except DatabaseLockedError as exc:  # the library's advice (readonly=True) means nothing here
         raise _CommandError(
             f"{exc.folder} is open for writing by {exc.holder}; stop it first "

@@ -469,6 +469,12 @@ def folder_only(test: Any) -> Any:
     return test
 
 
+def per_file(test: Any) -> Any:
+    """Mark a folder test of how a save writes its own file: it runs with journal=False."""
+    test.folder_only = test.per_file = True
+    return test
+
+
 class FolderMixin(unittest.IsolatedAsyncioTestCase):
     """A fresh database per test, on the class's backend; every database opened through open_db is closed.
 
@@ -477,14 +483,17 @@ class FolderMixin(unittest.IsolatedAsyncioTestCase):
     """
 
     backend: ClassVar[str] = "folder"
+    journal: ClassVar[bool | None] = None  # a folder's: the default, or False for the classes about files
 
     async def asyncSetUp(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="jason-test-")
+        self.addCleanup(self._tmp.cleanup)  # the first cleanup runs last: after every instance a test closes
         self.folder = os.path.join(self._tmp.name, "users")
         self._opened: list[JASON] = []
         if self.backend == "folder":
             self.location = self.folder
-            self.options: dict[str, str] = {}
+            journal = False if getattr(getattr(self, self._testMethodName), "per_file", False) else self.journal
+            self.options: dict[str, object] = {} if journal is None else {"journal": journal}
         else:
             self.location = SERVERS.url(self.backend)
             self.options = {"namespace": next(SERVERS.namespaces)}
@@ -493,7 +502,6 @@ class FolderMixin(unittest.IsolatedAsyncioTestCase):
     async def asyncTearDown(self) -> None:
         for db in self._opened:
             await db.close()
-        self._tmp.cleanup()
 
     def open_db(self, **options: object) -> JASON:
         options.setdefault("default_structure", DEFAULT)
@@ -507,7 +515,10 @@ class FolderMixin(unittest.IsolatedAsyncioTestCase):
     async def stored_bytes(self, user_id: int | str) -> bytes | None:
         """The user's record as the backend holds it, read past JASON: a file, a row, a hash field."""
         key = jason._user_key(user_id)
-        if self.backend == "folder":
+        if self.backend == "folder":  # the journal first, as every reader of a folder does
+            newer = jason._JournalReader(self.folder).newer(key)
+            if newer is not None:
+                return newer[0]
             return read_bytes(self.path(user_id)) if os.path.exists(self.path(user_id)) else None
         if self.backend == "postgres":
             import asyncpg
@@ -746,7 +757,7 @@ class SaveTest(FolderMixin):
         data["items"].append(2)
         self.assertEqual((await self.db.load_user_data(1))["items"], [1])
 
-    @folder_only
+    @per_file
     async def test_durable_save_fsyncs_the_file_and_then_the_folder(self) -> None:
         synced: list[str] = []
         real_fsync = os.fsync
@@ -781,7 +792,7 @@ class SaveTest(FolderMixin):
             self.assertEqual(synced, [])
 
     @unittest.skipIf(sys.platform == "win32", "POSIX permission bits")
-    @folder_only
+    @per_file
     async def test_a_save_keeps_the_record_permissions(self) -> None:
         await self.db.save_user_data(1, RECORD)
         umask = os.umask(0)
@@ -823,7 +834,7 @@ class SaveTest(FolderMixin):
         self.assertEqual(await self.stored_bytes(1), b'{"d":{"real":2},"l":[3,4],"i":5}')
         self.assertEqual(await self.db.load_user_data(1), {**DEFAULT, "d": {"real": 2}, "l": [3, 4], "i": 5})
 
-    @folder_only
+    @per_file
     async def test_short_writes_still_store_the_whole_record(self) -> None:
         real_write = os.write
 
@@ -835,7 +846,7 @@ class SaveTest(FolderMixin):
             await self.db.save_user_data(1, big)
         self.assertEqual(json.loads(read_bytes(self.path(1))), big)
 
-    @folder_only
+    @per_file
     async def test_a_write_that_stores_nothing_raises_and_never_becomes_the_record(self) -> None:
         await self.db.save_user_data(1, RECORD)
         before = read_bytes(self.path(1))
@@ -847,7 +858,7 @@ class SaveTest(FolderMixin):
         self.assertEqual(read_bytes(self.path(1)), before)
         self.assertEqual(temp_files(self.folder), [])
 
-    @folder_only
+    @per_file
     async def test_windows_sharing_violations_are_retried_briefly(self) -> None:
         real_replace = os.replace
         calls = []
@@ -865,7 +876,7 @@ class SaveTest(FolderMixin):
         self.assertEqual(len(calls), 3)
         self.assertEqual((await self.db.load_user_data(1))["a"], 1)
 
-    @folder_only
+    @per_file
     async def test_a_target_that_stays_busy_fails_after_bounded_retries(self) -> None:
         busy = PermissionError(errno.EACCES, "Access is denied")
         busy.winerror = 5  # type: ignore[attr-defined]
@@ -875,7 +886,7 @@ class SaveTest(FolderMixin):
         self.assertEqual(replace.call_count, len(jason.REPLACE_RETRY_DELAYS) + 1)
         self.assertEqual(temp_files(self.folder), [])
 
-    @folder_only
+    @per_file
     async def test_other_permission_errors_are_not_retried(self) -> None:
         with mock.patch("os.replace", side_effect=PermissionError(errno.EPERM, "nope")) as replace, \
                 self.assertRaises(PermissionError):
@@ -902,6 +913,8 @@ def _is_dir_fd(fd: object) -> bool:
 
 class FaultInjectionTest(FolderMixin):
     """Each I/O step of a save, and the read of a load, fails in turn with a real OSError."""
+
+    journal = False  # how a save writes its own file
 
     # step -> (os function, which calls fail, is the new record in place after the failure)
     SAVE_STEPS: ClassVar[dict[str, tuple[str, Callable[[tuple[object, ...]], bool], bool]]] = {
@@ -1085,6 +1098,7 @@ class UserIdMappingTest(FolderMixin):
                               ("a_b-c", "a_b-c.json")]:
             self.assertEqual(jason._file_name(jason._user_key(user_id)), name)
 
+    @per_file
     async def test_int_and_str_forms_are_the_same_user_and_cache_entry(self) -> None:
         await self.db.save_user_data(5, {"n": 1})
         self.assertEqual((await self.db.load_user_data("5"))["n"], 1)
@@ -1115,6 +1129,8 @@ class UserIdMappingTest(FolderMixin):
         db = self.open_db(durable=False)
         for index, user_id in enumerate(HOSTILE_IDS):
             await db.save_user_data(user_id, {"index": index})
+        await db.close()
+        await self.db.close()  # the last checkpoint writes every file
         names = os.listdir(self.folder)
         records = [name for name in names if name.endswith(".json")]
         self.assertEqual(len(records), len(HOSTILE_IDS))
@@ -1125,6 +1141,7 @@ class UserIdMappingTest(FolderMixin):
             self.assertFalse(name.startswith("."), name)
             self.assertNotRegex(name.split(".")[0], r"^(con|prn|aux|nul|com\d|lpt\d)$")
             self.assertLessEqual(len(name.encode()), 255)
+        db = self.open_db(readonly=True)
         for index, user_id in enumerate(HOSTILE_IDS):
             with self.subTest(user_id=user_id):
                 self.assertEqual((await db.load_user_data(user_id))["index"], index)
@@ -1152,6 +1169,7 @@ class UserIdMappingTest(FolderMixin):
                     await self.db.load_user_data(user_id)  # type: ignore[arg-type]
         self.assertEqual(await self.db.user_ids(), [])
         if self.backend == "folder":
+            await self.db.close()  # and its journal, empty, with it
             self.assertEqual(os.listdir(self.folder), [jason.LOCK_FILE_NAME])
         self.assertTrue(issubclass(InvalidUserIdError, ValueError))
 
@@ -1349,6 +1367,7 @@ class BadInputSweepTest(FolderMixin):
             await self.db.save_user_data(user_id, {"index": index})
             self.assertEqual((await self.db.load_user_data(user_id))["index"], index)
             self.assertTrue(await self.db.delete_user_data(user_id))
+        await self.db.close()  # the last checkpoint writes and deletes every file the journal named
         self.assertEqual(set(os.listdir(self._tmp.name)), outside)
         self.assertEqual(os.listdir(self.folder), [jason.LOCK_FILE_NAME])
 
@@ -1357,6 +1376,7 @@ class BadInputSweepTest(FolderMixin):
 
 
 class CacheTest(FolderMixin):
+    @per_file
     async def test_cache_is_bounded_least_recently_used_first(self) -> None:
         db = self.open_db(cache_size=3, durable=False)
         for user in range(10):
@@ -1371,6 +1391,7 @@ class CacheTest(FolderMixin):
         with mock.patch("os.open", side_effect=OSError(errno.EIO, "disk gone")):
             self.assertEqual(await self.db.load_user_data(1), RECORD)
 
+    @per_file
     async def test_cache_size_zero_reads_the_file_every_time(self) -> None:
         db = self.open_db(cache_size=0)
         await db.save_user_data(1, {"v": 1})
@@ -1385,6 +1406,7 @@ class CacheTest(FolderMixin):
             await db.save_user_data(user, {})
         self.assertEqual(len(await cached_users(db, iter(range(50)))), 50)
 
+    @per_file
     async def test_a_failed_save_leaves_no_stale_cache(self) -> None:
         await self.db.save_user_data(1, {"v": 1})
         with mock.patch("os.replace", side_effect=OSError(errno.EIO, "io")), self.assertRaises(OSError):
@@ -1398,7 +1420,7 @@ class CacheTest(FolderMixin):
 
 
 class ConcurrencyTest(FolderMixin):
-    @folder_only
+    @per_file
     async def test_different_users_are_written_in_parallel_and_one_user_is_not(self) -> None:
         renamed: list[str] = []
         with gated("replace", lambda args: str(args[1]).endswith(os.sep + "1.json") and not renamed) as (entered, gate):
@@ -1432,7 +1454,7 @@ class ConcurrencyTest(FolderMixin):
         self.assertEqual(lock_registry_size(db), 0)
         self.assertEqual(len(await cached_users(db, iter(range(9_500, 10_000)))), 100)
 
-    @folder_only
+    @per_file
     async def test_a_cancelled_save_still_finishes_before_the_next_save_starts(self) -> None:
         renamed: list[str] = []
         with gated("replace", lambda args: str(args[1]).endswith(os.sep + "1.json") and not renamed) as (entered, gate):
@@ -1624,6 +1646,7 @@ class ProcessesTest(FolderMixin):
                     child.kill()
                     child.wait(CHILD_TIMEOUT)
 
+    @per_file
     async def test_exit_before_rename_keeps_the_old_record(self) -> None:
         await self.db.save_user_data(1, RECORD)
         before = read_bytes(self.path(1))
@@ -1631,7 +1654,7 @@ class ProcessesTest(FolderMixin):
         result = run_child(f"""
             import asyncio, os, jason
             os.replace = lambda *a: os._exit(9)
-            asyncio.run(jason.JASON({self.folder!r}).save_user_data(1, {{"new": 1}}))
+            asyncio.run(jason.JASON({self.folder!r}, journal=False).save_user_data(1, {{"new": 1}}))
         """)
         self.assertEqual(result.returncode, 9, result.stderr)
         self.assertEqual(read_bytes(self.path(1)), before)
@@ -1753,7 +1776,7 @@ class CloseTest(FolderMixin):
             await closing
         self.assertEqual(await self.stored(1), RECORD)
 
-    @folder_only
+    @per_file
     async def test_a_cancelled_save_whose_write_fails_logs_nothing(self) -> None:
         """Errors surface once, to the caller: no 'Future exception was never retrieved'."""
         reported: list[dict[str, object]] = []
@@ -2298,7 +2321,11 @@ class JournalTest(FolderMixin):
         with self.assertRaisesRegex(ValueError, "for a folder"):
             JASON("redis://localhost:1", journal=True)
         with self.assertRaisesRegex(ValueError, "journal=True; every JASON of one folder must use the same"):
-            JASON(self.folder)
+            JASON(self.folder, journal=False)
+        joined = self.open_db()  # journal=None joins the mode the folder is open with
+        await joined.save_user_data(1, {"v": 1})
+        self.assertEqual(jason_records(self.folder), [])  # in the journal
+        self.assertEqual((await self.db.load_user_data(1))["v"], 1)
 
 
 def crash_image(folder: str) -> dict[str, bytes]:
@@ -2844,7 +2871,7 @@ class PTBPersistenceTest(AdapterMixin):
         self.assertEqual(self.persistence().update_interval, 1)
         self.assertEqual(self.persistence(update_interval=7.5).update_interval, 7.5)
 
-    @folder_only
+    @per_file
     async def test_an_unchanged_record_is_not_rewritten(self) -> None:
         persistence = self.persistence()
         await persistence.update_bot_data({"a": [1, 2]})
@@ -3356,7 +3383,7 @@ class UsersTest(FolderMixin):
                 async for _ in self.db.users(concurrency=bad):  # type: ignore[arg-type]
                     pass
 
-    @folder_only
+    @per_file
     async def test_a_corrupt_record_ends_the_loop_or_is_quarantined(self) -> None:
         await self.fill(5)
         with open(self.path("3"), "wb") as file:
@@ -4260,7 +4287,7 @@ TRACED_SAVE = """
 import asyncio, secrets, sys, jason
 folder, durable = sys.argv[1], sys.argv[2] == "durable"
 secrets.token_hex = lambda nbytes=None: "0" * 16  # a known temp name, so strace -P selects this save alone
-db = jason.JASON(folder, durable=durable)
+db = jason.JASON(folder, durable=durable, journal=False)  # each save writes its own file
 try:
     asyncio.run(db.save_user_data(1, {"version": "new"}))
 except OSError as exc:
@@ -4641,6 +4668,8 @@ class PowerCutModel:
 
 
 class PowerCutTest(FolderMixin):
+    journal = False  # how a save writes its own file
+
     async def run_saves(self, durable: bool) -> tuple[list[dict[str, bytes]], dict[str, list[bytes]], list[dict]]:
         """Save versions of 4 users; take a power-cut image after every returned save and inside every save."""
         for user in range(4):
