@@ -1847,10 +1847,12 @@ def _live_writer_since_sync(folder: str) -> float | None:
     return info.st_mtime
 
 
-def _classify_entries_sync(folder: str) -> tuple[int, list[tuple[str, str, str]]]:
+def _classify_entries_sync(folder: str, newer: dict[str, bytes | None]) -> tuple[int, list[tuple[str, str, str]]]:
     """Scan folder: the number of sound records, and (kind, path, detail) for everything else.
 
-    Safe beside a running bot: a temp file made since its writer took the lock
+    newer: what the journals hold (key -> record, None for a delete), read
+    in place of those keys' files, as every read of the folder does. Safe
+    beside a running bot: a temp file made since its writer took the lock
     may be a save in progress, and is not reported; files that vanish while
     the scan runs were a save's or a delete's, and are skipped.
     """
@@ -1878,6 +1880,8 @@ def _classify_entries_sync(folder: str) -> tuple[int, list[tuple[str, str, str]]
         elif QUARANTINE_MARK in name:
             problems.append(("quarantined", path, "a corrupt record moved aside"))
         elif key is not None:
+            if key in newer:
+                continue
             try:
                 if _read_record_file_sync(os.path.join(folder, name)) is not None:
                     sound += 1
@@ -1887,6 +1891,13 @@ def _classify_entries_sync(folder: str) -> tuple[int, list[tuple[str, str, str]]
             problems.append(("bad-name", path, "not the file name of any user id"))
         else:
             problems.append(("stray", path, "not a JASON file"))
+    for key, data in newer.items():
+        if data is not None:
+            try:
+                _parse_record(data, os.path.join(folder, _file_name(key)))
+                sound += 1
+            except CorruptDataError as exc:
+                problems.append(("corrupt", exc.path, exc.reason))
     return sound, problems
 
 
@@ -2141,7 +2152,8 @@ class _FolderStore:
         if fix_temp:
             self.check_writable("check with fix_temp")  # the writer lock: no save of this folder uses a temp file
         await self._checkpoint()
-        sound, problems = await _in_thread(_classify_entries_sync, self.folder)
+        newer = await _in_thread(self._newer.newer_all) if self._newer is not None else {}
+        sound, problems = await _in_thread(_classify_entries_sync, self.folder, newer)
         if fix_temp:
             for at, (kind, path, _) in enumerate(problems):
                 if kind == "temp":

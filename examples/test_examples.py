@@ -9,7 +9,6 @@ network traffic happens at all.
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib
 import itertools
 import json
@@ -693,7 +692,9 @@ class PTBKillTest(FormKillMixin, unittest.TestCase):
             with tempfile.TemporaryDirectory() as work, self.subTest(round=round_number):
                 folder = os.path.join(work, "ptb")
                 # Killed once the persistence has saved conversations at least once (every 0.05 s here).
-                saved_once = functools.partial(os.path.exists, os.path.join(folder, "conversations_signup.json"))
+                def saved_once(folder: str = folder) -> bool:  # its file, or the journal holding it till a checkpoint
+                    return (os.path.exists(os.path.join(folder, "conversations_signup.json"))
+                            or "conversations_signup" in jason._JournalReader(folder).newer_all())
                 progress = self.kill_in_the_middle(folder, ready=saved_once)
                 conversations, user_data = asyncio.run(self.restore(folder))
                 self.assertTrue(conversations)
