@@ -2003,6 +2003,26 @@ asyncio.run(main())
 """
 
 
+def killed_after(script: str, folder: str, lines: int) -> list[str]:
+    """Run script on folder in a child, SIGKILL it once it has printed this many lines, and return them."""
+    child = subprocess.Popen([sys.executable, "-c", script, folder], env=child_env(), stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    watchdog = threading.Timer(CHILD_TIMEOUT, child.kill)  # a child that hangs cannot hang the test
+    watchdog.start()
+    printed: list[str] = []
+    try:
+        for line in child.stdout:
+            printed.append(line)
+            if len(printed) == lines:
+                break
+    finally:
+        watchdog.cancel()
+        child.kill()
+        child.wait(CHILD_TIMEOUT)
+        child.stdout.close()
+    return printed
+
+
 def is_journal_entry(args: tuple[object, ...]) -> bool:
     return bytes(args[1][:2]) == b"JE"  # type: ignore[index]
 
@@ -2070,20 +2090,7 @@ class JournalTest(FolderMixin):
         for round_number in range(5):
             folder = os.path.join(self._tmp.name, f"killed{round_number}")
             with self.subTest(round=round_number):
-                child = subprocess.Popen([sys.executable, "-c", JOURNAL_WRITER, folder], env=child_env(),
-                                         stdout=subprocess.PIPE, text=True)
-                assert child.stdout is not None
-                watchdog = threading.Timer(CHILD_TIMEOUT, child.kill)  # a child that hangs cannot hang the test
-                watchdog.start()
-                returned = []
-                for line in child.stdout:  # each line: a save that returned
-                    returned.append(int(line))
-                    if len(returned) == 150 + 37 * round_number:
-                        break
-                watchdog.cancel()
-                child.kill()
-                child.wait(CHILD_TIMEOUT)
-                child.stdout.close()
+                returned = [int(line) for line in killed_after(JOURNAL_WRITER, folder, 150 + 37 * round_number)]
                 self.assertIn(jason.JOURNAL_NAME, os.listdir(folder))  # killed: the journal is still there
                 latest = {n % 50: n for n in returned}  # the child went on saving until the kill: n or later
                 async with JASON(folder, readonly=True) as reader:  # reads the journal as it is
@@ -2103,21 +2110,10 @@ class JournalTest(FolderMixin):
         for round_number in range(4):
             folder = os.path.join(self._tmp.name, f"storm{round_number}")
             with self.subTest(round=round_number):
-                child = subprocess.Popen([sys.executable, "-c", JOURNAL_STORM_WRITER, folder], env=child_env(),
-                                         stdout=subprocess.PIPE, text=True)
-                assert child.stdout is not None
-                watchdog = threading.Timer(CHILD_TIMEOUT, child.kill)  # a child that hangs cannot hang the test
-                watchdog.start()
                 returned = {0: 0, 1: 0, 2: 0}
-                for count, line in enumerate(child.stdout, 1):
+                for line in killed_after(JOURNAL_STORM_WRITER, folder, 400 + 97 * round_number):
                     user, n = map(int, line.split())
                     returned[user] = max(returned[user], n)
-                    if count == 400 + 97 * round_number:
-                        break
-                watchdog.cancel()
-                child.kill()
-                child.wait(CHILD_TIMEOUT)
-                child.stdout.close()
                 async with JASON(folder, readonly=True) as reader:  # reads the journal as it is
                     seen = {user: (await reader.load_user_data(user))["n"] for user in returned}
                 async with JASON(folder) as writer:  # replays it
