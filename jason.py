@@ -312,16 +312,7 @@ def _storable_value(value: object, depth: int) -> object:
         pairs: list[tuple[str, object]] | None = None if cls is dict else []  # made once something changes
         for index, (key, item) in enumerate(dict.items(value)):
             plain_key = key if type(key) is str and key.isascii() else _checked_key(key)
-            kind = type(item)  # the common plain values inline: a call each costs most of a save's check
-            if ((kind is str and item.isascii()) or kind is bool or item is None
-                    or (kind is int and MIN_INT <= item <= MAX_INT) or (kind is float and math.isfinite(item))):
-                plain_item = item
-            else:
-                try:
-                    plain_item = _storable_value(item, depth + 1)
-                except _Unstorable as exc:
-                    exc.path.append(f"[{plain_key!r}]")
-                    raise
+            plain_item = _storable_item(item, depth + 1, plain_key)
             if pairs is None and (plain_key is not key or plain_item is not item):
                 pairs = list(dict.items(value))[:index]  # the ones before it, unchanged
             if pairs is not None:
@@ -332,16 +323,7 @@ def _storable_value(value: object, depth: int) -> object:
             raise _Unstorable(ValueError, f"nested deeper than {MAX_DEPTH} levels")
         items: list[object] | None = None if cls is list else []  # as pairs above
         for index, item in enumerate(list.__iter__(value)):
-            kind = type(item)  # as in a dict, above
-            if ((kind is str and item.isascii()) or kind is bool or item is None
-                    or (kind is int and MIN_INT <= item <= MAX_INT) or (kind is float and math.isfinite(item))):
-                plain_item = item
-            else:
-                try:
-                    plain_item = _storable_value(item, depth + 1)
-                except _Unstorable as exc:
-                    exc.path.append(f"[{index}]")
-                    raise
+            plain_item = _storable_item(item, depth + 1, index)
             if items is None and plain_item is not item:
                 items = list(list.__iter__(value))[:index]
             if items is not None:
@@ -355,6 +337,24 @@ def _storable_value(value: object, depth: int) -> object:
         TypeError,
         f"{type(value).__name__} is not JSON; use dict, list, str, int, float, bool or None",
     )
+
+
+def _storable_item(item: object, depth: int, label: str | int) -> object:
+    """_storable_value of a dict's or a list's item, labelled in the error's path.
+
+    The common plain values are checked here, inline: a call of
+    _storable_value for each costs most of a save's check.
+    """
+    kind = type(item)
+    if ((kind is str and item.isascii()) or kind is bool or item is None  # type: ignore[attr-defined]
+            or (kind is int and MIN_INT <= item <= MAX_INT)  # type: ignore[operator]
+            or (kind is float and math.isfinite(item))):  # type: ignore[arg-type]
+        return item
+    try:
+        return _storable_value(item, depth)
+    except _Unstorable as exc:
+        exc.path.append(f"[{label!r}]")
+        raise
 
 
 def _check_storable(data: Mapping[str, Any], name: str = "data") -> dict[str, Any]:
@@ -1194,12 +1194,7 @@ class _Journal:
                 first, last, error = self._failed
                 raise error if first <= write <= last and not read else self._broken_error()
             self._waiters.append((write, read, done))
-        try:
-            await asyncio.shield(done)
-        except asyncio.CancelledError:
-            # The write goes on and every read sees it; nobody waits for its outcome any more.
-            done.add_done_callback(lambda future: future.cancelled() or future.exception())
-            raise
+        await done  # cancelled, it is skipped when its batch is done; the write goes on, and every read sees it
 
     @property
     def broken(self) -> str | None:
