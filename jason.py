@@ -73,7 +73,16 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Final, Generic, Literal, NoReturn, Optional, Protocol, TypeVar, cast
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Generator, Iterator, Sequence
+    from collections.abc import (
+        AsyncGenerator,
+        AsyncIterator,
+        Awaitable,
+        Coroutine,
+        Generator,
+        Iterable,
+        Iterator,
+        Sequence,
+    )
 
     from typing_extensions import TypeVar as TypeVarWithDefault
 
@@ -731,14 +740,20 @@ def _write_atomic_sync(
 
 def _write_many_sync(folder: str, records: Sequence[tuple[str, bytes]], durable: bool,
                      folder_sync: _GroupSync | None) -> None:
-    """Write each (name, data) atomically, in order; when durable, sync the folder once, after the last."""
-    for name, data in records:
-        _write_atomic_sync(folder, name, data, durable, sync_folder=False)
-    if durable:
-        if folder_sync is None:
-            _fsync_dir(folder)
-        else:
-            folder_sync.sync_after_change()
+    """Write each (name, data) atomically, in order; when durable, sync the folder once, after the last.
+
+    When one fails, those renamed before it are synced too: a caller told how
+    far the batch got can rely on that much.
+    """
+    try:
+        for name, data in records:
+            _write_atomic_sync(folder, name, data, durable, sync_folder=False)
+    finally:
+        if durable:
+            if folder_sync is None:
+                _fsync_dir(folder)
+            else:
+                folder_sync.sync_after_change()
 
 
 class _GroupSync:
@@ -1669,6 +1684,18 @@ async def _wait_for_thread(running: concurrent.futures.Future[_T]) -> _T:
         raise
 
 
+async def _all_done(writes: Iterable[Awaitable[Any]]) -> None:
+    """Await writes together; once every one has ended, raise the first failure.
+
+    asyncio.gather raises as soon as one fails and leaves the rest running: the
+    caller would release its users' locks, and a later save of theirs could land
+    first and be overwritten, or a count of what landed come too soon.
+    """
+    for outcome in await asyncio.gather(*writes, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
 async def _in_thread(func: Callable[..., _T], *args: Any) -> _T:
     """Run a blocking function that writes nothing in the I/O pool."""
     return await _wait_for_thread(_io_executor().submit(func, *args))
@@ -2191,10 +2218,10 @@ class _FolderStore:
         # threads took a third of one thread's time): so a batch is written in a few threads' shares.
         named = [(_file_name(key), data) for key, data in records]
         share = -(-len(named) // BATCH_WRITE_THREADS)
-        await asyncio.gather(*(
+        await _all_done(
             self._write_in_thread(operation, _write_many_sync, self.folder, named[start:start + share],
                                   self.durable, self._folder_sync)
-            for start in range(0, len(named), share)))
+            for start in range(0, len(named), share))
 
     async def delete(self, key: str, operation: str) -> bool:
         if self._journal is not None:
@@ -2432,7 +2459,7 @@ class _ServerStore:
         raise NotImplementedError
 
     async def write_many(self, records: Sequence[tuple[str, bytes]], operation: str) -> None:
-        await asyncio.gather(*(self.write(key, data, operation) for key, data in records))
+        await _all_done(self.write(key, data, operation) for key, data in records)
 
     async def _each_record(self) -> AsyncIterator[tuple[str, bytes]]:
         """Every stored record, read a batch at a time."""

@@ -1444,6 +1444,39 @@ class ConcurrencyTest(FolderMixin):
         self.assertEqual(renamed, ["2.json", "1.json", "1.json"])
         self.assertEqual(json.loads(read_bytes(self.path(1))), {"v": "second"})
 
+    @per_file
+    async def test_a_failed_batch_raises_only_once_every_write_it_started_has_ended(self) -> None:
+        # A batch is written in several threads' shares. Were its users' locks released when the first
+        # share failed, a save made then could land first and be overwritten by a share still renaming.
+        records = [(user, {"n": user}) for user in range(2 * jason.BATCH_WRITE_THREADS)]
+        held = records[-2][0]  # the first of the last share
+        real_replace, failed, calls = os.replace, threading.Event(), []
+
+        def replace_failing_user_0(source: str, target: str) -> None:
+            if target.endswith(os.sep + "0.json"):
+                failed.set()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_replace(source, target)
+
+        def first_rename_of_held(args: tuple[object, ...]) -> bool:
+            calls.append(args[1])
+            return str(args[1]).endswith(os.sep + f"{held}.json") and calls.count(args[1]) == 1
+
+        with mock.patch("os.replace", replace_failing_user_0), \
+                gated("replace", first_rename_of_held) as (entered, gate):
+            batch = asyncio.create_task(self.db.save_stored_many(records))
+            await wait_for_event(failed)
+            await wait_for_event(entered)
+            later = asyncio.create_task(self.db.save_user_data(held, {"n": "later"}))
+            await asyncio.sleep(0.05)
+            self.assertFalse(batch.done())  # a share is still renaming
+            self.assertFalse(later.done())  # and the batch still holds the user
+            gate.set()
+            with self.assertRaises(OSError):
+                await batch
+            await later
+        self.assertEqual(await self.stored(held), {"n": "later"})
+
     @folder_only
     @slow
     async def test_lock_registry_holds_only_users_in_flight(self) -> None:
@@ -5238,14 +5271,16 @@ class CLITest(unittest.TestCase):
                 file.write(json.dumps({"user_id": user, "data": {"n": user}}) + "\n")
         folder = self.scratch()
         result = run_child(f"""
-            import errno, os, sys, threading, jason
+            import errno, os, sys, threading, time, jason
             real_replace, calls, counting = os.replace, [], threading.Lock()
             def replace(source, target):  # called from several writer threads at once
                 with counting:
                     calls.append(target)
-                    full = len(calls) > 100
+                    full, slow = len(calls) > 100, len(calls) > 90
                 if full:
                     raise OSError(errno.ENOSPC, "No space left on device")
+                if slow:  # still under way when other threads fail: the count must wait for them
+                    time.sleep(0.3)
                 return real_replace(source, target)
             os.replace = replace
             sys.exit(jason.main([{folder!r}, "import", {source!r}]))
