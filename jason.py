@@ -3361,9 +3361,10 @@ class JASON(Generic[Record]):
 
         Every record is checked before anything is written, and each is
         written atomically; when an OSError stops the batch, some may be
-        written and others not (save them again: saving is idempotent). The
-        users' locks are taken in id order, so two batches never wait for
-        each other in a circle.
+        written and others not (save them again: saving is idempotent), and
+        it is raised once every write of the batch has ended. The users'
+        locks are taken in id order, so two batches never wait for each
+        other in a circle.
         """
         self._enter()
         self._store.check_writable(operation)
