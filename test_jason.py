@@ -5702,7 +5702,8 @@ class SuiteTest(unittest.TestCase):
                     self.assertTrue(not method or hasattr(globals()[class_name], method),
                                     f"the README cites {class_name}.{method}")
                 else:
-                    self.assertIn(class_name, sorted(example_classes), f"the README cites {class_name}, which does not exist")
+                    self.assertIn(class_name, sorted(example_classes),
+                                  f"the README cites {class_name}, which does not exist")
                     if method:
                         self.assertIn(method, example_methods(class_name), f"the README cites {class_name}.{method}")
 
