@@ -1407,6 +1407,23 @@ class _Journal:
         os.close(self._file.fd)
 
 
+def _sync_what_was_read(fd: int) -> None:
+    """Make the entries just read from a journal durable, from the reader's side.
+
+    The writer appends an entry, then syncs it: a reader in between would
+    show a save that a power cut could still undo. A sync from here covers
+    every byte written to the file so far, whoever wrote it. Where the
+    system cannot sync a file opened for reading (Windows), or the folder is
+    on a read-only file system (no writer there), the entries are shown as
+    they are.
+    """
+    try:
+        _fdatasync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EBADF, errno.EINVAL, errno.EROFS):
+            raise
+
+
 class _JournalReader:
     """What the writer's journals hold, for a reader in another process: newer than the files.
 
@@ -1416,7 +1433,8 @@ class _JournalReader:
     read before the one being checkpointed, and both before any file: a
     record moves from the current journal to the one set aside, then to its
     file, before that journal is deleted, so a reader that misses it in one
-    place finds it, as new or newer, in the next.
+    place finds it, as new or newer, in the next. New entries are synced
+    before they are returned (see _sync_what_was_read).
     """
 
     def __init__(self, folder: str) -> None:
@@ -1446,6 +1464,8 @@ class _JournalReader:
             generation, start = _journal_generation_sync(fd)
             offset, latest = self._seen.get(generation, (start, {})) if generation is not None else (start, {})
             entries, end = _read_journal_sync(fd, offset)
+            if entries:
+                _sync_what_was_read(fd)
         finally:
             os.close(fd)
         latest = {**latest, **dict(entries)}

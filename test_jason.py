@@ -4608,6 +4608,8 @@ class PowerCutModel:
                 file_id = self._new_file()
                 self.entries[os.path.basename(path)] = file_id
                 self._open_fds[fd] = file_id
+            elif os.path.dirname(os.path.abspath(path)) == self.folder and os.path.basename(path) in self.entries:
+                self._open_fds[fd] = self.entries[os.path.basename(path)]  # a reader's: its sync syncs the file
         return fd
 
     def _write(self, fd: int, data: bytes) -> int:
@@ -4790,6 +4792,38 @@ class PowerCutTest(FolderMixin):
             recovered = await recovered_records(image)
             for user in set(expected) | set(maybe_newer):
                 self.assertIn(recovered.get(user), [expected.get(user), maybe_newer.get(user)], user)
+
+    async def test_a_reader_in_another_process_never_shows_a_save_a_power_cut_could_undo(self) -> None:
+        """A readonly reader reads the journal just after each append, before the writer's sync of it."""
+        await self.db.close()
+        model = PowerCutModel(self.folder)
+        users = ["0", "1", "2"]
+        shown: list[tuple[dict[str, bytes], dict[str, Any]]] = []  # (a cut just after a read, what it showed)
+        reading = threading.Event()  # the reader's own syncs pass through the hook too
+
+        with model.installed():
+            db = self.open_db(journal=True, default_structure={})
+            reader = jason.SyncJASON(self.folder, {}, readonly=True)  # reads the journal as another process does
+            self.addCleanup(reader.close)
+
+            def read_before_the_sync(target: int | str | None) -> None:
+                if isinstance(target, int) and not reading.is_set():
+                    reading.set()
+                    try:
+                        seen = {user: reader.load_user_data(user) for user in users if reader.user_exists(user)}
+                        shown.append((model.image(), seen))
+                    finally:
+                        reading.clear()
+
+            model.before_sync = read_before_the_sync
+            for v in range(8):
+                await asyncio.gather(*(db.save_user_data(user, {"v": v}) for user in users))
+            model.before_sync = lambda target: None
+            await db.close()
+        self.assertGreater(len(shown), 8)
+        self.assertTrue(any(seen for _, seen in shown))
+        for image, seen in shown:
+            self.assertEqual(await recovered_records(image), seen)
 
     async def test_a_storm_of_journaled_edits_survives_a_power_cut_in_order(self) -> None:
         """Edits of one user that each read the last before it was durable: cut the power before every sync."""
