@@ -42,12 +42,12 @@ quick:
 selftest:
 	$(PYTHON) jason.py --selftest
 
-## lint: ruff (with the ASYNC rules) on everything, mypy --strict on jason.py, mypy on the tests and on typed records
+## lint: ruff (with the ASYNC rules) on everything, mypy --strict on jason.py, mypy on the tests and the examples, --strict on typed records
 LINT_VENV := build/lint-venv
 lint: $(LINT_VENV)/installed
 	$(LINT_VENV)/bin/python -m ruff check jason.py test_jason.py examples benchmarks
 	$(LINT_VENV)/bin/python -m mypy --strict jason.py
-	$(LINT_VENV)/bin/python -m mypy test_jason.py
+	$(LINT_VENV)/bin/python -m mypy test_jason.py examples
 	$(LINT_VENV)/bin/python -m mypy --strict --warn-unused-ignores examples/typed_records.py
 
 $(LINT_VENV)/installed: requirements-lint.txt

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import sys
+from typing import Any
 
 from aiogram import Bot, Dispatcher, Router
 from aiogram.filters import Command, CommandObject, CommandStart
@@ -21,7 +22,7 @@ from aiogram.types import Message
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # jason.py from this clone
 from jason import JASON  # in your bot: vendored beside your code, or pip-installed
 
-DEFAULT_USER = {"name": None, "challenges": {}, "active_challenge": None, "challenge_balance": 0}
+DEFAULT_USER: dict[str, Any] = {"name": None, "challenges": {}, "active_challenge": None, "challenge_balance": 0}
 
 router = Router()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 from telegram import Update
 from telegram.ext import Application, ApplicationBuilder, CommandHandler, ContextTypes
@@ -19,7 +20,7 @@ from telegram.ext import Application, ApplicationBuilder, CommandHandler, Contex
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # jason.py from this clone
 from jason import JASON  # in your bot: vendored beside your code, or pip-installed
 
-DEFAULT_USER = {"name": None, "challenges": {}, "active_challenge": None, "challenge_balance": 0}
+DEFAULT_USER: dict[str, Any] = {"name": None, "challenges": {}, "active_challenge": None, "challenge_balance": 0}
 
 
 async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

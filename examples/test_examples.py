@@ -687,7 +687,7 @@ class PTBKillTest(FormKillMixin, unittest.TestCase):
     def test_every_record_is_whole_and_every_user_at_a_state_they_reached(self) -> None:
         import ptb_conversation_bot as bot
 
-        rank_of_state = {bot.NAME: 1, bot.AGE: 2, bot.CITY: 3}
+        rank_of_state: dict[object, int] = {bot.NAME: 1, bot.AGE: 2, bot.CITY: 3}
         for round_number in range(3):
             with tempfile.TemporaryDirectory() as work, self.subTest(round=round_number):
                 folder = os.path.join(work, "ptb")
