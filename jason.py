@@ -1132,8 +1132,8 @@ class _Journal:
       loop, so a loop that ends (asyncio.run() returning) cuts none short:
       JOURNAL_CHECKPOINT_SECONDS after the first save into an empty journal,
       or at once when it holds JOURNAL_CHECKPOINT_BYTES, the journal is
-      renamed aside, the pending records are written to their files and
-      synced, and the old journal is deleted. Every step is recorded here as
+      renamed aside, the pending records are written to their files (once
+      their entries are durable) and synced, and the old journal is deleted. Every step is recorded here as
       it happens, so a checkpoint cut short is finished by the next one.
     - a failed append or fdatasync breaks the journal: writes queued after
       it may have read what failed, so they fail too, and so does a read of
@@ -1163,6 +1163,7 @@ class _Journal:
         self._unsynced: dict[str, int] = {}  # key -> the number of its last write, until that one is durable
         self._waiters: list[tuple[int, bool, asyncio.Future[None]]] = []  # (write, read, its future)
         self._failed: tuple[int, int, BaseException] | None = None  # the first batch that failed, and why
+        self._durable = threading.Condition()  # notified when a batch is durable or has failed
         self._commit_job: concurrent.futures.Future[None] | None = None
         self._checkpoint_lock = threading.Lock()  # one checkpoint at a time: the thread's, or close()'s
         self._due = threading.Condition()
@@ -1213,6 +1214,13 @@ class _Journal:
             self._waiters.append((write, read, done))
         await done  # cancelled, it is skipped when its batch is done; the write goes on, and every read sees it
 
+    def _wait_until_durable(self, write: int) -> bool:
+        """Block until every write up to this number is durable: True; False if one failed first."""
+        with self._durable:
+            while self._synced < write and self._failed is None:
+                self._durable.wait()
+            return self._synced >= write
+
     @property
     def broken(self) -> str | None:
         """Why the journal failed, or None: see the class."""
@@ -1246,6 +1254,8 @@ class _Journal:
                     self._failed = (batch[0][2], last, error)
                 told = [(read, done) for write, read, done in self._waiters if write <= last]
                 self._waiters = [waiter for waiter in self._waiters if waiter[0] > last]
+            with self._durable:  # a checkpoint may wait for this batch (see _wait_until_durable)
+                self._durable.notify_all()
             _settle_on_their_loops([done for read, done in told if not read], error)
             _settle_on_their_loops([done for read, done in told if read], error and self._broken_error())
 
@@ -1323,6 +1333,11 @@ class _Journal:
                 self._rotate()
             with self._pending_lock:
                 snapshot = list(self._pending.items())
+            # A write is pending from its queueing, so that reads see it: the snapshot may hold some not
+            # durable yet. None may reach a file before its entry is durable: a crash would then leave it
+            # there while replaying an earlier write of another record, or keep a save that failed.
+            if not self._wait_until_durable(self._queued):
+                return  # an append failed: the next open replays what the journals made durable
             durable_each = _syncfs_function() is None  # else one syncfs makes them all durable: far cheaper
             # In threads of their own: the saves and loads under way never queue behind a checkpoint.
             # Every write ends before the checkpoint does, failed or not: one left running could land

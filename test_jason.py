@@ -2207,6 +2207,39 @@ class JournalTest(FolderMixin):
         await reopened.save_user_data(2, {"v": 4})
         self.assertEqual((await reopened.load_user_data(2))["v"], 4)
 
+    async def test_a_checkpoint_writes_no_record_before_its_journal_entry_is_durable(self) -> None:
+        """A save is pending (seen by reads) from its queueing; its file must wait for its entry's sync."""
+        await self.db.save_user_data(1, {"v": 1})
+        real_entry, real_pwrite = jason._journal_entry, os.pwrite
+        queued, append = threading.Event(), threading.Event()
+
+        def held_entry(key: str, data: bytes | None) -> bytes:  # the commit job, before it appends
+            queued.set()
+            if not append.wait(CHILD_TIMEOUT):
+                raise AssertionError("the append was never let go")
+            return real_entry(key, data)
+
+        def full(fd: int, data: Any, offset: int) -> int:
+            if is_journal_entry((fd, data)):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_pwrite(fd, data, offset)
+
+        with mock.patch("jason._journal_entry", held_entry), mock.patch("os.pwrite", full):
+            save = asyncio.create_task(self.db.save_user_data(1, {"v": 2}))
+            await wait_for_event(queued)
+            checkpoint = asyncio.create_task(self.db.check())  # check runs a checkpoint first
+            await asyncio.sleep(0.2)
+            on_file = read_bytes(self.path(1)) if os.path.exists(self.path(1)) else None
+            self.assertIn(on_file, (None, jason._dumps({"v": 1})), "a checkpoint wrote a save not yet durable")
+            append.set()
+            with self.assertRaises(OSError):
+                await save
+            await asyncio.gather(checkpoint, return_exceptions=True)  # its outcome is not the point here
+        with self.assertLogs("jason", "WARNING"):
+            await self.db.close()
+        reopened = self.open_db(journal=True)
+        self.assertEqual(await reopened.load_user_data(1), {**DEFAULT, "v": 1})  # the save that failed is not kept
+
     async def test_a_failed_fdatasync_fails_the_writes_that_read_it_and_refuses_the_next(self) -> None:
         await self.db.save_user_data(1, {"v": 1})
 
