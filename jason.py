@@ -1133,8 +1133,9 @@ class _Journal:
       JOURNAL_CHECKPOINT_SECONDS after the first save into an empty journal,
       or at once when it holds JOURNAL_CHECKPOINT_BYTES, the journal is
       renamed aside, the pending records are written to their files (once
-      their entries are durable) and synced, and the old journal is deleted. Every step is recorded here as
-      it happens, so a checkpoint cut short is finished by the next one.
+      their entries are durable) and synced, and the old journal is
+      deleted. Every step is recorded here as it happens, so a checkpoint
+      cut short is finished by the next one.
     - a failed append or fdatasync breaks the journal: writes queued after
       it may have read what failed, so they fail too, and so does a read of
       a record that failed. Nothing more is checkpointed; the next open
